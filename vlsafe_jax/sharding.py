@@ -115,7 +115,7 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
   """
   def one(x):
     if isinstance(x, nnx.Variable):
-      spec = logical_to_spec(_logical_names(x), getattr(x.value, "shape", None), mesh, rules)
+      spec = logical_to_spec(_logical_names(x), getattr(x.get_value(), "shape", None), mesh, rules)
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -150,28 +150,14 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None], rules=LOGICAL_RULES) -> jax.Array:
-  """``with_sharding_constraint`` by logical names; a no-op outside a mesh context (single device)."""
-  mesh = _current_mesh()
-  if mesh is None or mesh.size == 1:
+  """``with_sharding_constraint`` by logical names; a no-op without a (multi-device) mesh context.
+
+  Works inside ``jit``: the mesh comes from ``jax.set_mesh`` via the abstract mesh.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
     return x
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, rules)))
-
-
-def _current_mesh() -> Mesh | None:
-  """The mesh set by ``jax.set_mesh`` (or the legacy ``with mesh:``), if any."""
-  get = getattr(jax.sharding, "get_mesh", None)
-  if get is not None:
-    m = get()
-    if m is not None and not getattr(m, "empty", False) and getattr(m, "devices", None) is not None:
-      if isinstance(m, Mesh):
-        return m
-  abstract = getattr(jax.sharding, "get_abstract_mesh", None)
-  if abstract is not None:
-    m = abstract()
-    if m is not None and not m.empty:
-      # An abstract mesh is enough to build a NamedSharding for with_sharding_constraint.
-      return m  # type: ignore[return-value]
-  return None
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
