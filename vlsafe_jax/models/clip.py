@@ -124,8 +124,9 @@ class CLIPConfig:
       raise ValueError(f"config model_type {model_type!r} is not a CLIP config (expected 'clip', "
                        f"'clip_text_model' or 'clip_vision_model')")
     proj = int(d.get("projection_dim", 512))
-    t = _sub_config(CLIPTextConfig, d.get("text_config") or {})
-    v = _sub_config(CLIPVisionConfig, d.get("vision_config") or {})
+    # Very old config.json files carry "*_config_dict" instead of "*_config".
+    t = _sub_config(CLIPTextConfig, d.get("text_config") or d.get("text_config_dict") or {})
+    v = _sub_config(CLIPVisionConfig, d.get("vision_config") or d.get("vision_config_dict") or {})
     return cls(text_config=t, vision_config=v, projection_dim=proj,
                logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)))
 
@@ -484,7 +485,9 @@ class CLIP(nnx.Module):
       self.vision_model = CLIPVisionTransformer(config.vision_config, **kw)
       self.visual_projection = _linear(config.vision_config.hidden_size, p, ("embed", None), use_bias=False,
                                        **kw)
-    self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, param_dtype))
+    if config.text_config is not None and config.vision_config is not None:
+      # Single-tower HF files carry no logit_scale; the two-tower model always does.
+      self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, param_dtype))
 
   @classmethod
   def from_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, mesh=None) -> "CLIP":
