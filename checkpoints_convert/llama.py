@@ -1,0 +1,204 @@
+"""HF Llama / Mistral causal LM <-> vlsafe_jax ``Llama``: key table, loading into stacked layers, export.
+
+HF keys (platform.md §4.4): ``model.embed_tokens.weight``, ``model.layers.{i}.{input_layernorm,
+self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj}.weight``, ``model.norm.weight``,
+``lm_head.weight`` (absent when ``tie_word_embeddings``). LLaVA's text tower uses the same keys under a
+``language_model.`` prefix; ``prefix=`` selects it.
+
+Our decoder stores its layers **stacked** (``model.layers.self_attn.q_proj.kernel`` has shape (L, D, N*H)), so the
+rule table targets *per-layer virtual paths* (``model.layers.{i}.self_attn.q_proj.kernel``); the generic engine in
+:mod:`checkpoints_convert.mapping` then does its usual all-at-once checking (missing / unexpected / mis-shaped /
+ambiguous / duplicate, one error) against per-layer shapes, and this module stacks the rows, one stacked tensor at
+a time (at most one (L, ...) tensor in host RAM), placing it with its sharding if a mesh is given.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from checkpoints_convert.mapping import (KeyMap, Rule, Transform, _is_float, flat_abstract, path_str,
+                                         plan_import)
+from checkpoints_convert.safetensors_io import CheckpointFormatError, open_hf_weights, save_safetensors
+
+_PLACEHOLDERS = {
+    "i": r"\d+",
+    "lin": r"self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj",
+    "ln": r"input_layernorm|post_attention_layernorm",
+}
+
+LLAMA_RULES = (
+    Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
+    Rule("model.layers.{i}.{lin}.weight", "model.layers.{i}.{lin}.kernel", Transform.LINEAR),
+    Rule("model.layers.{i}.{ln}.weight", "model.layers.{i}.{ln}.scale"),
+    Rule("model.norm.weight", "model.norm.scale"),
+    Rule("lm_head.weight", "lm_head.kernel", Transform.LINEAR),
+)
+# Non-persistent rotary buffers that older pytorch_model.bin files contain.
+LLAMA_IGNORE = (r"rotary_emb\.inv_freq$",)
+LLAMA_KEYMAP = KeyMap(LLAMA_RULES, _PLACEHOLDERS, LLAMA_IGNORE)
+
+_STACKED = re.compile(r"^model\.layers\.(?!\d)")           # stacked paths: "model.layers.<sub>" (no index)
+_VIRTUAL = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class _Prefixed:
+  """A tensor source seen through a key prefix (LLaVA's ``language_model.``); other keys are hidden."""
+
+  def __init__(self, source, prefix: str):
+    self.source, self.prefix = source, prefix
+
+  def shapes(self):
+    p = self.prefix
+    return {k[len(p):]: v for k, v in self.source.shapes().items() if k.startswith(p)}
+
+  def get(self, key):
+    return self.source.get(self.prefix + key)
+
+
+def virtual_targets(abstract_state: nnx.State, num_layers: int) -> dict[str, tuple[int, ...]]:
+  """{per-layer or plain nnx path: shape}: stacked (L, ...) paths expanded to L per-layer entries."""
+  out = {}
+  for path, (_, var) in flat_abstract(abstract_state).items():
+    shape = tuple(var.get_value().shape)
+    if _STACKED.match(path):
+      if shape[0] != num_layers:
+        raise ValueError(f"stacked parameter {path} has leading axis {shape[0]}, expected {num_layers} layers")
+      sub = path[len("model.layers."):]
+      for i in range(num_layers):
+        out[f"model.layers.{i}.{sub}"] = shape[1:]
+    else:
+      out[path] = shape
+  return out
+
+
+def load_llama_state(source, abstract_state: nnx.State, num_layers: int, *, source_name: str,
+                     param_dtype: Any = None, shardings: nnx.State | None = None, keymap: KeyMap = LLAMA_KEYMAP,
+                     progress=None) -> nnx.State:
+  """Fills an abstract ``Llama`` state from a tensor source (see safetensors_io); one ConversionError lists
+  every mismatch before any tensor is read."""
+  flat = flat_abstract(abstract_state)
+  plan = plan_import(keymap, source.shapes(), virtual_targets(abstract_state, num_layers), source_name)
+  by_path = {path: (key, tf) for key, path, tf in plan}
+  flat_sh = flat_abstract(shardings) if shardings is not None else {}
+
+  def cast(arr):
+    if param_dtype is not None and _is_float(arr.dtype):
+      return arr.astype(param_dtype)
+    return arr
+
+  filled = []
+  for path, (ptuple, var) in flat.items():
+    if _STACKED.match(path):
+      sub = path[len("model.layers."):]
+      rows = []
+      for i in range(num_layers):
+        key, tf = by_path[f"model.layers.{i}.{sub}"]
+        rows.append(cast(np.ascontiguousarray(tf.forward(source.get(key)))))
+        if progress:
+          progress(key)
+      arr = np.stack(rows)
+      del rows
+    else:
+      key, tf = by_path[path]
+      arr = cast(np.ascontiguousarray(tf.forward(source.get(key))))
+      if progress:
+        progress(key)
+    if path in flat_sh:
+      sh = flat_sh[path][1]
+      sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
+      value = jax.device_put(arr, sh)
+    else:
+      value = jnp.asarray(arr)
+    filled.append((ptuple, var.replace(value)))
+  return nnx.from_flat_state(filled)
+
+
+def export_llama_tensors(state: nnx.State, dtype: Any = None, keymap: KeyMap = LLAMA_KEYMAP):
+  """Yields (HF key, numpy array in HF layout) for every parameter; stacked layers are split per layer."""
+  for path, (_, var) in flat_abstract(state).items():
+    arr = np.asarray(jax.device_get(var.get_value()))
+    if dtype is not None and _is_float(arr.dtype):
+      arr = arr.astype(dtype)
+    if _STACKED.match(path):
+      sub = path[len("model.layers."):]
+      items = [(f"model.layers.{i}.{sub}", arr[i]) for i in range(arr.shape[0])]
+    else:
+      items = [(path, arr)]
+    for p, a in items:
+      hits = keymap.to_hf(p)
+      if len(hits) != 1:
+        raise ValueError(f"export: model tensor {p} maps to {len(hits)} HF keys ({hits}); expected exactly one")
+      key, tf = hits[0]
+      yield key, np.ascontiguousarray(tf.inverse(a))
+
+
+def read_config(directory: str | os.PathLike):
+  """``LlamaConfig`` from ``directory/config.json`` (plain causal LM, or a LLaVA config's ``text_config``)."""
+  from vlsafe_jax.models.llama import LlamaConfig
+  cfg_path = Path(directory) / "config.json"
+  if not cfg_path.exists():
+    raise CheckpointFormatError(f"{directory}: no config.json (needed to build the decoder architecture)")
+  try:
+    d = json.loads(cfg_path.read_text())
+    if "text_config" in d:
+      d = d["text_config"]
+    return LlamaConfig.from_hf(d)
+  except (json.JSONDecodeError, TypeError, ValueError) as e:
+    raise CheckpointFormatError(f"{cfg_path}: {e}") from e
+
+
+def abstract_llama(config, *, dtype=jnp.float32, param_dtype=jnp.float32):
+  """(graphdef, abstract state) of a ``Llama`` without allocating parameters."""
+  from vlsafe_jax.models.llama import Llama
+  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def load_llama(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
+               config=None, prefix: str = "", progress=None):
+  """Builds a ``vlsafe_jax.models.llama.Llama`` from an HF Llama/Mistral directory.
+
+  Args:
+    dtype: compute dtype. param_dtype: cast floating parameters (None keeps the file's dtype; bf16 stays bf16).
+    mesh: place each stacked tensor with the logical sharding table as soon as it is assembled.
+    config: a ``LlamaConfig`` overriding config.json. prefix: key prefix inside the file (``"language_model."``).
+  Raises:
+    CheckpointFormatError (missing/corrupt files) or ConversionError (one message listing every bad tensor).
+  """
+  d = Path(path)
+  config = config or read_config(d)
+  graphdef, abs_state = abstract_llama(config, dtype=dtype,
+                                       param_dtype=param_dtype if param_dtype is not None else jnp.float32)
+  source = open_hf_weights(d)
+  if prefix:
+    source = _Prefixed(source, prefix)
+  shardings = None
+  if mesh is not None:
+    from vlsafe_jax import sharding
+    shardings = sharding.state_shardings(abs_state, mesh)
+  state = load_llama_state(source, abs_state, config.num_hidden_layers, source_name=str(d),
+                           param_dtype=param_dtype, shardings=shardings, progress=progress)
+  return nnx.merge(graphdef, state)
+
+
+def export_hf(model, dst: str | os.PathLike, *, dtype: Any = None, hf_config: dict | None = None) -> Path:
+  """Writes ``model.safetensors`` (+ ``config.json`` when ``hf_config`` is given) in HF layout."""
+  dst = Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  save_safetensors(dst / "model.safetensors", export_llama_tensors(nnx.state(model, nnx.Param), dtype),
+                   metadata={"format": "pt"})
+  if hf_config is not None:
+    (dst / "config.json").write_text(json.dumps(hf_config, indent=2))
+  return dst
+
+
+__all__ = ["LLAMA_RULES", "LLAMA_KEYMAP", "load_llama", "load_llama_state", "export_llama_tensors", "export_hf",
+           "read_config", "abstract_llama", "virtual_targets"]
