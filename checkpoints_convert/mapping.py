@@ -134,6 +134,12 @@ class KeyMap:
     return out
 
 
+def _contig(x) -> np.ndarray:
+  # np.ascontiguousarray turns 0-d arrays into shape (1,); logit_scale must stay 0-d.
+  x = np.asarray(x)
+  return x if x.flags.c_contiguous else x.copy(order="C")
+
+
 def _is_float(dt) -> bool:
   # ml_dtypes.bfloat16 is not a numpy "floating" subtype, so test it by name as well.
   return np.issubdtype(dt, np.floating) or np.dtype(dt).name == "bfloat16"
@@ -211,9 +217,9 @@ def load_state(keymap: KeyMap, source, abstract_state: nnx.State, *, source_name
     if path in flat_sh:
       sh = flat_sh[path][1]
       sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-      value = jax.device_put(np.ascontiguousarray(arr), sh)
+      value = jax.device_put(_contig(arr), sh)
     else:
-      value = jnp.asarray(np.ascontiguousarray(arr))
+      value = jnp.asarray(_contig(arr))
     ptuple, var = flat[path]
     filled[ptuple] = var.replace(value)
     if progress:
@@ -243,7 +249,7 @@ def export_tensors(keymap: KeyMap, state: nnx.State, dtype: Any = None) -> Itera
     arr = np.asarray(jax.device_get(flat[path][1].get_value()))
     if dtype is not None and _is_float(arr.dtype):
       arr = arr.astype(dtype)
-    yield key, np.ascontiguousarray(tf.inverse(arr))
+    yield key, _contig(tf.inverse(arr))
 
 
 __all__ = ["Transform", "Rule", "KeyMap", "ConversionError", "plan_import", "load_state", "export_tensors",

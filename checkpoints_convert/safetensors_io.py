@@ -33,6 +33,12 @@ SINGLE_NAME = "model.safetensors"
 TORCH_NAME = "pytorch_model.bin"
 
 
+def _contig(x) -> np.ndarray:
+  # np.ascontiguousarray turns 0-d arrays into shape (1,); logit_scale must stay 0-d.
+  x = np.asarray(x)
+  return x if x.flags.c_contiguous else x.copy(order="C")
+
+
 class CheckpointFormatError(ValueError):
   """A checkpoint file is missing, truncated or malformed; the message names the file."""
 
@@ -179,7 +185,7 @@ def save_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.nd
   offset = 0
   arrays = []
   for key, arr in items:
-    arr = np.ascontiguousarray(arr)
+    arr = _contig(arr)
     if arr.dtype not in _TAGS:
       raise ValueError(f"tensor {key!r}: dtype {arr.dtype} cannot be stored in safetensors")
     header[key] = {"dtype": _TAGS[arr.dtype], "shape": list(arr.shape),
