@@ -213,47 +213,47 @@ def motif_pattern(category: str, size: int, rng: np.random.Generator) -> tuple[n
   """The hazard motif of ``category`` on a (size, size) patch.
 
   Returns ``(alpha_pp float32 in [0, 1], rgb_pp3 float32 in [0, 255])``; alpha is 0 where the motif leaves the
-  scene visible. A random phase/rotation-free jitter keeps the motif from being one fixed pixel pattern.
+  scene visible. Periodic textures are defined in *pixel* units (periods of 3-4 px, lines >= 1 px) so they never
+  alias away at small patch sizes; a random phase keeps the motif from being one fixed pixel pattern.
   """
+  iy, ix = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
   yy, xx = _grid(size)
+  off = int(rng.integers(0, 4))
   ph = rng.uniform(0.0, 1.0)
   rgb = np.zeros((size, size, 3), np.float32)
-  if category == "hate":  # red / black diagonal stripes over the whole patch
-    on = np.floor((yy + xx) * 4.0 + ph) % 2 == 0
+  alpha = np.ones((size, size), np.float32)
+  if category == "hate":  # red / black diagonal stripes (2 px) over the whole patch
+    on = ((iy + ix + off) // 2) % 2 == 0
     rgb[on], rgb[~on] = (230, 20, 20), (10, 10, 10)
-    alpha = np.ones_like(yy)
-  elif category == "harassment":  # magenta / black checkerboard
-    on = (np.floor(yy * 4 + ph) + np.floor(xx * 4 + ph)) % 2 == 0
+  elif category == "harassment":  # magenta / black checkerboard (3 px cells)
+    on = ((iy + off) // 3 + (ix + off) // 3) % 2 == 0
     rgb[on], rgb[~on] = (230, 0, 230), (0, 0, 0)
-    alpha = np.ones_like(yy)
   elif category == "violence":  # dark-red starburst (spiky blob)
     ang = np.arctan2(yy - 0.5, xx - 0.5)
     rad = np.hypot(yy - 0.5, xx - 0.5)
-    alpha = (rad <= 0.28 + 0.18 * np.cos(7 * ang + 6.283 * ph)).astype(np.float32)
+    alpha = (rad <= 0.3 + 0.18 * np.cos(7 * ang + 6.283 * ph)).astype(np.float32)
     rgb[:] = (130, 0, 0)
-  elif category == "self-harm":  # three short horizontal dark-red slashes
-    band = np.zeros_like(yy, dtype=bool)
+  elif category == "self-harm":  # three horizontal dark-red slashes, each at least 1 px thick
+    band = np.zeros((size, size), bool)
+    half = max(0.08, 0.6 / size)
     for k in range(3):
-      y0 = 0.2 + 0.3 * k + 0.05 * (ph - 0.5)
-      band |= (np.abs(yy - y0) <= 0.06) & (np.abs(xx - 0.5) <= 0.4)
+      band |= (np.abs(yy - (0.2 + 0.3 * k + 0.05 * (ph - 0.5))) <= half) & (np.abs(xx - 0.5) <= 0.42)
     alpha = band.astype(np.float32)
     rgb[:] = (160, 0, 20)
-  elif category == "sexual":  # pink concentric rings
-    rad = np.hypot(yy - 0.5, xx - 0.5)
-    alpha = ((np.floor(rad * 8 + ph) % 2 == 0) & (rad <= 0.5)).astype(np.float32)
+  elif category == "sexual":  # pink concentric rings (1.5 px wide) inside the inscribed disc
+    rad_px = np.hypot(iy + 0.5 - size / 2, ix + 0.5 - size / 2)
+    alpha = ((np.floor(rad_px / 1.5 + ph) % 2 == 0) & (rad_px <= size / 2)).astype(np.float32)
     rgb[:] = (255, 120, 170)
-  elif category == "shocking":  # yellow polka dots on black
-    fy, fx = (yy * 3 + ph) % 1.0 - 0.5, (xx * 3 + ph) % 1.0 - 0.5
-    on = fy * fy + fx * fx <= 0.3 ** 2
+  elif category == "shocking":  # yellow polka dots (period 4 px) on black
+    fy, fx = (iy + off) % 4 - 1.5, (ix + off) % 4 - 1.5
+    on = fy * fy + fx * fx <= 1.3
     rgb[on], rgb[~on] = (255, 230, 0), (0, 0, 0)
-    alpha = np.ones_like(yy)
-  elif category == "illegal activity":  # green cross-hatch grid lines
-    gy, gx = (yy * 4 + ph) % 1.0, (xx * 4 + ph) % 1.0
-    alpha = ((gy < 0.3) | (gx < 0.3)).astype(np.float32)
+  elif category == "illegal activity":  # green cross-hatch grid (1 px lines, period 4 px)
+    alpha = (((iy + off) % 4 == 0) | ((ix + off) % 4 == 0)).astype(np.float32)
     rgb[:] = (0, 200, 60)
   else:
     raise ValueError(f"unknown hazard category {category!r}; expected one of {CATEGORIES}")
-  return alpha.astype(np.float32), rgb
+  return alpha, rgb
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,177 @@
+"""Tests for the synthetic safe/unsafe benchmark (vlsafe_jax.data.synthetic)."""
+import hashlib
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vlsafe_jax.data import synthetic, visu
+
+N_SMALL = 21  # 3 full cycles of the 7 categories
+
+
+def _digest(src, n):
+  h = hashlib.sha256()
+  for i in range(n):
+    rec = src[i]
+    h.update(rec["safe_image"].tobytes())
+    h.update(rec["unsafe_image"].tobytes())
+    h.update((rec["safe_caption"] + "|" + rec["unsafe_caption"] + "|" + rec["tag"]).encode())
+  return h.hexdigest()
+
+
+def test_deterministic_across_calls_orders_and_processes():
+  a = synthetic.SyntheticQuadruplets("train", size=50, seed=7)
+  b = synthetic.SyntheticQuadruplets("train", size=50, seed=7)
+  # Item i is a pure function of (seed, split, i): reading in a different order changes nothing.
+  rev = {i: b[i] for i in reversed(range(10))}
+  for i in range(10):
+    np.testing.assert_array_equal(a[i]["unsafe_image"], rev[i]["unsafe_image"])
+    assert a[i]["unsafe_caption"] == rev[i]["unsafe_caption"]
+  code = ("from vlsafe_jax.data import synthetic as s; import tests.data.test_synthetic as t; "
+          "print(t._digest(s.SyntheticQuadruplets('train', size=50, seed=7), 10))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+  assert out.stdout.strip().splitlines()[-1] == _digest(a, 10)
+  assert _digest(synthetic.SyntheticQuadruplets("train", size=50, seed=8), 10) != _digest(a, 10)
+
+
+def test_splits_are_disjoint():
+  train = synthetic.SyntheticQuadruplets("train", size=40)
+  val = synthetic.SyntheticQuadruplets("val", size=40)
+  test = synthetic.SyntheticQuadruplets("test", size=40)
+  seen = {}
+  for name, src in (("train", train), ("val", val), ("test", test)):
+    for i in range(len(src)):
+      key = src[i]["safe_image"].tobytes()
+      assert key not in seen, f"{name}[{i}] repeats {seen[key]}"
+      seen[key] = (name, i)
+  assert (len(train), len(val), len(test)) == (40, 40, 40)
+  assert len(synthetic.SyntheticQuadruplets("train")) == synthetic.DEFAULT_SPLIT_SIZES["train"]
+
+
+def test_shapes_dtypes_and_bad_arguments():
+  src = synthetic.SyntheticQuadruplets("val", size=5, image_size=23)
+  rec = src[4]
+  for f in ("safe_image", "unsafe_image"):
+    assert rec[f].shape == (23, 23, 3) and rec[f].dtype == np.uint8
+  assert isinstance(rec["safe_caption"], str) and rec["index"] == 4
+  with pytest.raises(IndexError, match="out of range"):
+    src[5]
+  with pytest.raises(ValueError, match="unknown split"):
+    synthetic.SyntheticQuadruplets("dev")
+
+
+def test_every_category_present_with_its_own_motif():
+  src = synthetic.SyntheticQuadruplets("train", size=N_SMALL)
+  tags = [src[i]["tag"] for i in range(N_SMALL)]
+  assert set(tags) == set(synthetic.CATEGORIES)
+  # Motifs differ pairwise: compare alpha-weighted colour of each category's pattern on the same patch.
+  feats = {}
+  for c in synthetic.CATEGORIES:
+    alpha, rgb = synthetic.motif_pattern(c, 16, np.random.default_rng(0))
+    feats[c] = np.concatenate([alpha.ravel(), (alpha[..., None] * rgb / 255.0).ravel()])
+  for c1, c2 in itertools.combinations(synthetic.CATEGORIES, 2):
+    assert np.abs(feats[c1] - feats[c2]).mean() > 0.05, (c1, c2)
+  # Each item's changed pixels carry its category's palette: nearest-centroid classification of the changed
+  # region's mean colour against the 7 motif colours recovers the tag for most items (blending with the scene
+  # and random intensity blur it; chance is 1/7).
+  centroids = {}
+  for c in synthetic.CATEGORIES:
+    alpha, rgb = synthetic.motif_pattern(c, 16, np.random.default_rng(0))
+    centroids[c] = (alpha[..., None] * rgb).sum((0, 1)) / alpha.sum() / 255.0
+  src = synthetic.SyntheticQuadruplets("train", size=70)
+  hits = 0
+  for i in range(70):
+    it = src.item(i)
+    colour = it["unsafe_image"][it["motif_mask"]].astype(float).mean(0) / 255.0
+    hits += min(centroids, key=lambda c: np.linalg.norm(colour - centroids[c])) == it["tag"]
+  assert hits >= 56, hits
+
+
+def test_unsafe_image_differs_only_where_the_motif_is():
+  src = synthetic.SyntheticQuadruplets("test", size=N_SMALL)
+  fracs = []
+  for i in range(N_SMALL):
+    it = src.item(i)
+    diff = np.any(it["safe_image"] != it["unsafe_image"], axis=-1)
+    assert not np.any(diff & ~it["motif_mask"]), f"item {i}: pixels changed outside the motif"
+    fracs.append(diff.mean())
+    # The motif is a patch, not a pixel: at least 3% of the image (~30 pixels at 32 px) changes.
+    assert diff.mean() > 0.03, (i, diff.mean())
+  assert np.std(fracs) > 0  # random scale/position
+
+
+def test_unsafe_caption_is_safe_caption_plus_own_hazard_phrase():
+  src = synthetic.SyntheticQuadruplets("train", size=N_SMALL)
+  for i in range(N_SMALL):
+    rec = src[i]
+    assert rec["unsafe_caption"].startswith(rec["safe_caption"] + " ")
+    phrase = rec["unsafe_caption"][len(rec["safe_caption"]) + 1:]
+    assert phrase in synthetic.HAZARD_PHRASES[rec["tag"]]
+    assert rec["tag_id"] == synthetic.CATEGORIES.index(rec["tag"])
+  for c1, c2 in itertools.combinations(synthetic.CATEGORIES, 2):
+    assert not set(synthetic.HAZARD_PHRASES[c1]) & set(synthetic.HAZARD_PHRASES[c2])
+
+
+def test_scenes_vary_enough():
+  src = synthetic.SyntheticQuadruplets("test", size=300)
+  caps = [src[i]["safe_caption"] for i in range(300)]
+  assert len(set(caps)) >= 295  # near-unique captions: retrieval is not a lookup of repeated strings
+  n_shapes = {c.count(" and ") + sum(c.count(f" {r} ") for r in synthetic.RELATIONS) for c in caps}
+  assert n_shapes == {0, 1, 2}
+
+
+def test_tokenizer_round_trip_and_eos_is_max_id():
+  tok = synthetic.SyntheticTokenizer()
+  assert tok.eos_token_id == tok.vocab_size - 1 and tok.eos_token_id != 2
+  src = synthetic.SyntheticQuadruplets("train", size=200)
+  texts = [src[i][f] for i in range(200) for f in ("safe_caption", "unsafe_caption")]
+  assert tok.lengths(texts).max() <= synthetic.max_caption_tokens() <= tok.max_length
+  ids, mask = tok(texts)
+  assert ids.shape == mask.shape == (400, tok.max_length) and ids.dtype == np.int32
+  assert not np.any(ids == tok.unk_token_id)
+  # EOS is both the argmax of ids (CLIP's legacy rule) and the last unmasked position.
+  np.testing.assert_array_equal(ids.argmax(-1), mask.sum(-1) - 1)
+  np.testing.assert_array_equal(ids[np.arange(400), mask.sum(-1) - 1], tok.eos_token_id)
+  assert np.all(ids[:, 0] == tok.bos_token_id) and np.all(ids[mask == 0] == tok.pad_token_id)
+  assert [tok.decode(r) for r in ids] == texts
+  # Truncation keeps EOS last.
+  short = synthetic.SyntheticTokenizer(max_length=5)
+  ids5, _ = short([texts[1]])
+  assert ids5[0, -1] == short.eos_token_id and short.decode(ids5[0]) == " ".join(texts[1].split()[:3])
+  zs = synthetic.ZeroShotShapes(size=12)
+  zids, _ = tok(zs.prompts())
+  assert not np.any(zids == tok.unk_token_id)
+  cfg = synthetic.clip_config(image_size=32)
+  assert cfg["vocab_size"] == tok.vocab_size and cfg["eos_token_id"] == tok.eos_token_id
+
+
+def test_zero_shot_split():
+  zs = synthetic.ZeroShotShapes(size=12, image_size=24)
+  labels = [zs[i]["label"] for i in range(12)]
+  assert sorted(set(labels)) == list(range(len(zs.class_names)))
+  assert zs[0]["image"].shape == (24, 24, 3) and zs.prompts()[0] == "a photo of a circle."
+
+
+def test_written_split_reads_back_identically(tmp_path):
+  src = synthetic.SyntheticQuadruplets("val", size=9, seed=3)
+  manifest = synthetic.write_plain(src, tmp_path)
+  plain = visu.PlainQuadruplets(manifest)
+  assert len(plain) == 9 and plain.num_skipped == 0
+  transform = synthetic.default_transform()
+  for i in range(9):
+    a, b = src[i], plain[i]
+    for f in ("safe_image", "unsafe_image"):
+      np.testing.assert_array_equal(visu.load_image(b[f]), a[f])
+    for f in ("safe_caption", "unsafe_caption", "tag"):
+      assert a[f] == b[f]
+    ta, tb = transform(a), transform(b)
+    for k in ("safe_image", "unsafe_image", "safe_ids", "unsafe_ids"):
+      np.testing.assert_array_equal(ta[k], tb[k])
+    assert plain.tag_names[tb["tag"]] == a["tag"]
+  # The transform normalises with CLIP mean/std: undoing it recovers the uint8 pixels.
+  px = ta["safe_image"] * np.array(visu.CLIP_STD) + np.array(visu.CLIP_MEAN)
+  np.testing.assert_allclose(px * 255.0, src[8]["safe_image"], atol=1e-3)
