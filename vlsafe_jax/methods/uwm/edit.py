@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vlsafe_jax.methods.uwm.saliency import AGGREGATIONS, Aggregation, ScoreConfig
