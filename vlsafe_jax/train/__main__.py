@@ -1,0 +1,38 @@
+"""``python -m vlsafe_jax.train [--config CONFIG] [--workdir DIR] [key=value ...]``.
+
+Loads a ``get_config()`` file (default below), applies overrides and hands it to the trainer named by the
+config's ``trainer`` field. The run directory defaults to ``runs/<config name>/``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from vlsafe_jax import config as config_lib
+
+# Until the HySAC pipeline on the synthetic benchmark lands (configs/hysac_synthetic.py), the default job is the
+# clearly labelled geometry/loss demo.
+DEFAULT_CONFIG = "lorentz_demo"
+
+TRAINERS = {
+    "lorentz_demo": "vlsafe_jax.train.lorentz_demo:run",
+}
+
+
+def main(argv: list[str]) -> dict:
+  flags, overrides = config_lib.split_cli(argv)
+  unknown = set(flags) - {"config", "workdir"}
+  if unknown:
+    raise SystemExit(f"unknown option(s) {sorted('--' + u for u in unknown)}; use --config, --workdir, key=value")
+  cfg = config_lib.load(flags.get("config", DEFAULT_CONFIG), overrides)
+  if cfg.trainer not in TRAINERS:
+    raise SystemExit(f"config {flags.get('config', DEFAULT_CONFIG)} names unknown trainer {cfg.trainer!r}; "
+                     f"known: {sorted(TRAINERS)}")
+  module, fn = TRAINERS[cfg.trainer].split(":")
+  workdir = Path(flags.get("workdir", Path("runs") / cfg.name))
+  return getattr(importlib.import_module(module), fn)(cfg, workdir)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
