@@ -1,0 +1,225 @@
+"""Tests for vlsafe_jax.geometry.lorentz: hysac.md §1.5 goldens, identities, dtypes, gradient edge cases."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlsafe_jax.geometry import lorentz as L
+
+# hysac.md §1.5 [computed] golden values: v_i tangent vectors, x_i = exp0(v_i).
+V = [[0.3, -0.4, 0.0], [1.0, 2.0, -2.0], [0.05, 0.0, 0.0]]
+V_NORMS = [0.5, 3.0, 0.05]
+OMEGA_MAX = 1.5663241871131188   # arcsin(1 - 1e-5)
+PHI_MIN, PHI_MAX = 0.0044721396817777506, 3.1371205139080156
+GOLDEN = {
+    1.0: dict(
+        x=[[0.3126571832962484, -0.41687624439499793, 0.0],
+           [3.3392916424699677, 6.678583284939935, -6.678583284939935],
+           [0.05002083593765502, 0.0, 0.0]],
+        inner={(0, 1): -13.092646273926107, (0, 2): -1.113396417669565, (1, 2): -9.913215035881986},
+        dist={(0, 1): 3.263736270623915, (0, 2): 0.47183859175785875, (1, 2): 2.9844621728466194},
+        omega=[0.3939074993528307, 0.01996562044789057, OMEGA_MAX],
+        phi={(0, 1): 2.3327229187910605, (1, 0): 3.103947424531903, (2, 1): 1.2787249706143944}),
+    10.0: dict(
+        x=[[0.44158809910907826, -0.5887841321454377, 0.0],
+           [694.90903980962446, 1389.8180796192489, -1389.8180796192489],
+           [0.050208593905063763, 0.0, 0.0]],
+        dist={(0, 1): 3.378403670832188, (0, 2): 0.47296002831131956, (1, 2): 2.986959676450939},
+        omega=[0.08603952106220028, 3.0337569136846976e-05, OMEGA_MAX],
+        phi={(0, 1): 2.8526584352332525, (1, 0): PHI_MAX, (2, 1): 1.3834424119750086}),
+    0.1: dict(
+        x=[[0.30125156343038256, -0.4016687512405101, 0.0],
+           [1.156896465771588, 2.313792931543176, -2.313792931543176],
+           [0.05000208335937516, 0.0, 0.0]],
+        dist={(0, 1): 3.2112433036977817, (0, 2): 0.4717131715961909, (1, 2): 2.9838114196130627},
+        omega=[OMEGA_MAX, 0.18324986131589271, OMEGA_MAX],
+        phi={(0, 1): 2.1007043191754784, (1, 0): 3.016423450621601, (2, 1): 1.2512901037265123}),
+}
+
+
+def _check_goldens(c, dtype, rtol, dist_atol):
+  g = GOLDEN[c]
+  v = jnp.asarray(V, dtype)
+  x = L.exp_map0(v, c)
+  assert x.dtype == dtype
+  np.testing.assert_allclose(np.asarray(x), g["x"], rtol=rtol, atol=1e-12)
+  # Distance of exp0(v) from the root is ||v||; log0 recovers v.
+  root = jnp.zeros((1, 3), dtype)
+  np.testing.assert_allclose(np.asarray(L.pairwise_dist(root, x, c))[0], V_NORMS, rtol=rtol, atol=dist_atol)
+  np.testing.assert_allclose(np.asarray(L.log_map0(x, c)), V, rtol=rtol, atol=dist_atol)
+  pd = np.asarray(L.pairwise_dist(x, x, c))
+  ed = np.asarray(L.elementwise_dist(x[jnp.array([0, 0, 1])], x[jnp.array([1, 2, 2])], c))
+  for k, (i, j) in enumerate(g["dist"]):
+    np.testing.assert_allclose(pd[i, j], g["dist"][(i, j)], rtol=rtol, atol=dist_atol)
+    np.testing.assert_allclose(ed[k], g["dist"][(i, j)], rtol=rtol, atol=dist_atol)
+  if "inner" in g:
+    pi = np.asarray(L.pairwise_inner(x, x, c))
+    for (i, j), want in g["inner"].items():
+      np.testing.assert_allclose(pi[i, j], want, rtol=rtol)
+  np.testing.assert_allclose(np.asarray(L.half_aperture(x, c)), g["omega"], rtol=rtol)
+  apex, child = zip(*g["phi"])
+  phi = L.oxy_angle(x[jnp.array(apex)], x[jnp.array(child)], c)
+  np.testing.assert_allclose(np.asarray(phi), list(g["phi"].values()), rtol=rtol)
+  pphi = np.asarray(L.pairwise_oxy_angle(x, x, c))
+  for (i, j), want in g["phi"].items():
+    np.testing.assert_allclose(pphi[i, j], want, rtol=rtol)
+
+
+@pytest.mark.parametrize("c", [1.0, 10.0, 0.1])
+def test_goldens_float64(c):
+  with jax.enable_x64(True):
+    _check_goldens(c, jnp.float64, rtol=1e-9, dist_atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [1.0, 10.0, 0.1])
+def test_goldens_float32(c):
+  _check_goldens(c, jnp.float32, rtol=1e-5, dist_atol=1e-4)
+
+
+def test_bf16_input_computes_in_float32():
+  v = jnp.asarray(V, jnp.bfloat16)
+  x = L.exp_map0(v, 1.0)
+  chex.assert_type(x, jnp.float32)
+  for out in (L.log_map0(x.astype(jnp.bfloat16), 1.0), L.pairwise_dist(x.astype(jnp.bfloat16), x, 1.0),
+              L.half_aperture(v, 1.0), L.oxy_angle(v, x, 1.0), L.time_component(v, 1.0),
+              L.elementwise_inner(v, v, 1.0), L.pairwise_oxy_angle(v, v, 1.0)):
+    chex.assert_type(out, jnp.float32)
+  # bf16 rounding of the inputs is the only error: the float32 result of the rounded input is reproduced.
+  v32 = v.astype(jnp.float32)
+  chex.assert_trees_all_close(L.exp_map0(v, 1.0), L.exp_map0(v32, 1.0), rtol=0, atol=0)
+
+
+def _random_tangent(key, n, d, lo=0.1, hi=3.0):
+  k1, k2 = jax.random.split(key)
+  u = jax.random.normal(k1, (n, d))
+  u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+  return u * jax.random.uniform(k2, (n, 1), minval=lo, maxval=hi)
+
+
+@pytest.mark.parametrize("c", [0.3, 1.0, 7.0])
+def test_identities_float64(c):
+  with jax.enable_x64(True):
+    d = 13
+    v = _random_tangent(jax.random.key(0), 11, d).astype(jnp.float64)
+    x = L.exp_map0(v, c)
+    chex.assert_trees_all_close(L.log_map0(x, c), v, rtol=1e-10, atol=1e-12)
+    root = jnp.zeros((1, d), jnp.float64)
+    # d(0, x) = ||log0(x)|| = ||v||.
+    chex.assert_trees_all_close(L.pairwise_dist(root, x, c)[0], jnp.linalg.norm(L.log_map0(x, c), axis=-1),
+                                rtol=1e-10)
+    chex.assert_trees_all_close(L.pairwise_dist(root, x, c)[0], jnp.linalg.norm(v, axis=-1), rtol=1e-10)
+    # <x, x>_L = -1/c; time component consistent.
+    chex.assert_trees_all_close(L.elementwise_inner(x, x, c), jnp.full((11,), -1.0 / c), rtol=1e-10)
+    chex.assert_trees_all_close(L.time_component(x, c) ** 2 - jnp.sum(x * x, -1), jnp.full((11,), 1.0 / c),
+                                rtol=1e-9)
+    dm = L.pairwise_dist(x, x, c)
+    chex.assert_trees_all_close(dm, dm.T, rtol=1e-12, atol=1e-12)
+    # Pairwise vs elementwise forms agree.
+    ii, jj = jnp.meshgrid(jnp.arange(11), jnp.arange(11), indexing="ij")
+    # Off-diagonal only for distances: a self-distance is sqrt(rounding noise) (hysac.md §1.4).
+    off = ~jnp.eye(11, dtype=bool)
+    chex.assert_trees_all_close(jnp.where(off, L.elementwise_dist(x[ii], x[jj], c), 0), jnp.where(off, dm, 0),
+                                rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(L.elementwise_inner(x[ii], x[jj], c), L.pairwise_inner(x, x, c), rtol=1e-12,
+                                atol=1e-9)
+    phi_pair = L.pairwise_oxy_angle(x, x, c)
+    # atol: self-pairs (diagonal) are 0/0-like and differ by rounding between matmul and row-wise dot.
+    chex.assert_trees_all_close(L.oxy_angle(x[:, None, :], x[None, :, :], c), phi_pair, rtol=1e-10, atol=1e-8)
+    chex.assert_trees_all_close(L.oxy_angle(x[ii], x[jj], c), phi_pair, rtol=1e-10, atol=1e-8)
+    # Triangle inequality on every triple.
+    tri = dm[:, :, None] + dm[None, :, :] - dm[:, None, :]
+    assert float(jnp.min(tri)) >= -1e-9
+    # Ranges.
+    om = L.half_aperture(x, c)
+    assert bool(jnp.all((om > 0) & (om <= OMEGA_MAX + 1e-15)))
+    assert float(jnp.min(phi_pair)) >= PHI_MIN - 1e-15 and float(jnp.max(phi_pair)) <= PHI_MAX + 1e-15
+
+
+def test_identities_float32_and_shapes():
+  v = _random_tangent(jax.random.key(1), 7, 13)
+  c = 2.0
+  x = L.exp_map0(v, c)
+  chex.assert_shape(x, (7, 13))
+  chex.assert_trees_all_close(L.log_map0(x, c), v, rtol=1e-4, atol=1e-5)
+  chex.assert_shape(L.pairwise_dist(x[:5], x, c), (5, 7))
+  chex.assert_shape(L.pairwise_dist(x[None, :5], x[None], c), (1, 5, 7))
+  chex.assert_shape(L.pairwise_oxy_angle(x[:5], x, c), (5, 7))
+  chex.assert_shape(L.half_aperture(x, c), (7,))
+  # Distinct points only (hysac.md §1.4: float32 self-distance is rounding noise).
+  dm = L.pairwise_dist(x, x, c)
+  off = ~jnp.eye(7, dtype=bool)
+  chex.assert_trees_all_close(jnp.where(off, dm, 0), jnp.where(off, dm.T, 0), rtol=1e-5)
+
+
+def test_exp_map_sinh_cap_and_root():
+  c = 4.0
+  v = jnp.array([[30.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+  x = L.exp_map0(v, c)
+  # Output norm capped at 2^15 / sqrt(c); the root maps to the root.
+  np.testing.assert_allclose(float(jnp.linalg.norm(x[0])), 2.0**15 / 2.0, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(x[1]), 0.0)
+  np.testing.assert_array_equal(np.asarray(L.log_map0(x[1:], c)), 0.0)
+  # Apexes at the root get the widest cone.
+  np.testing.assert_allclose(float(L.half_aperture(x[1], c)), OMEGA_MAX, rtol=1e-5)  # fp32 rounds 1 - 1e-5
+
+
+def test_meru_eps_reachable():
+  # eps only moves clamped values: MERU's 1e-8 widens the aperture cap to arcsin(1 - 1e-8).
+  with jax.enable_x64(True):
+    x = jnp.zeros((1, 3), jnp.float64)
+    np.testing.assert_allclose(float(L.half_aperture(x, 1.0, eps=1e-8)[0]), np.arcsin(1 - 1e-8), rtol=1e-12)
+    y = jnp.asarray([[0.01, 0.0, 0.0]], jnp.float64)
+    d_heavy = float(jnp.linalg.norm(L.log_map0(y, 1.0, eps=1e-5)))
+    d_meru = float(jnp.linalg.norm(L.log_map0(y, 1.0, eps=1e-8)))
+    np.testing.assert_allclose(d_meru, np.arcsinh(0.01), rtol=1e-12)
+    np.testing.assert_allclose(d_heavy, np.arcsinh(0.01), rtol=1e-12)  # above the 1e-5 floor too
+    z = jnp.asarray([[1e-4, 0.0, 0.0]], jnp.float64)
+    np.testing.assert_allclose(float(jnp.linalg.norm(L.log_map0(z, 1.0, eps=1e-5))),
+                               np.arccosh(1 + 1e-5), rtol=1e-9)  # HySAC floor at arccosh(1 + eps)
+
+
+def test_bad_inputs_raise_named_errors():
+  with pytest.raises(ValueError, match="pairwise_dist: feature sizes differ"):
+    L.pairwise_dist(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 1.0)
+  with pytest.raises(ValueError, match="exp_map0: argument 0 must have a feature axis"):
+    L.exp_map0(jnp.zeros(()), 1.0)
+  with pytest.raises(ValueError, match="curv must be a scalar"):
+    L.log_map0(jnp.zeros((2, 3)), jnp.ones(2))
+  with pytest.raises(ValueError, match="pairwise_inner: expects"):
+    L.pairwise_inner(jnp.zeros(3), jnp.zeros((2, 3)), 1.0)
+
+
+def _all_ops_scalar(v_nd, w_nd, c):
+  """Scalar sum of every op, differentiable w.r.t. the tangent inputs and c."""
+  x, y = L.exp_map0(v_nd, c), L.exp_map0(w_nd, c)
+  return (jnp.sum(L.log_map0(x, c)) + jnp.sum(L.pairwise_dist(x, y, c)) + jnp.sum(L.elementwise_dist(x, y, c))
+          + jnp.sum(L.pairwise_inner(x, y, c)) + jnp.sum(L.half_aperture(x, c)) + jnp.sum(L.oxy_angle(x, y, c))
+          + jnp.sum(L.pairwise_oxy_angle(x, y, c)) + jnp.sum(L.time_component(x, c)))
+
+
+def test_gradients_finite_at_edge_cases():
+  d = 5
+  rnd = _random_tangent(jax.random.key(2), 3, d)
+  v = jnp.concatenate([
+      jnp.zeros((1, d)),                    # the root
+      rnd[:1],                              # paired with itself below: identical points
+      jnp.full((1, d), 20.0),               # beyond the sinh cap
+      jnp.full((1, d), 1e-3),               # aperture clip region (near root)
+      rnd[1:],
+  ])
+  w = jnp.concatenate([jnp.zeros((1, d)), rnd[:1], -jnp.full((1, d), 20.0), jnp.full((1, d), 1e-3), rnd[1:][::-1]])
+  grad_fn = jax.jit(jax.grad(_all_ops_scalar, argnums=(0, 1, 2)))
+  for c in (0.1, 1.0, 10.0):
+    gv, gw, gc = grad_fn(v, w, jnp.float32(c))
+    chex.assert_tree_all_finite((gv, gw, gc))
+  # Identical points straight into the distance / angle (not via exp0): float32 gives z == 1 exactly.
+  x = L.exp_map0(rnd, 1.0)
+  g = jax.grad(lambda a, b: jnp.sum(L.elementwise_dist(a, b, 1.0)) + jnp.sum(L.oxy_angle(a, b, 1.0))
+               + jnp.sum(L.pairwise_dist(a, b, 1.0)), argnums=(0, 1))(x, x)
+  chex.assert_tree_all_finite(g)
+  # Angle clip region: apex far out, child behind it (phi at its upper clip), and at the root.
+  far = jnp.array([[50.0, 0.0, 0.0]])
+  back = jnp.array([[0.0, 0.0, 0.0]])
+  g = jax.grad(lambda a, b: jnp.sum(L.oxy_angle(a, b, 10.0)), argnums=(0, 1))(far, back)
+  chex.assert_tree_all_finite(g)
