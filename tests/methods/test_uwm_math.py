@@ -194,6 +194,19 @@ def test_batched_accumulation_equals_one_batch():
     assert int(a1["l"].count) == int(a2["l"].count) and int(a1["l"].dropped) == int(a2["l"].dropped) == 1
 
 
+def test_fused_calibration_step_matches_two_stage():
+  w_oi, xs, xu, vs, vu = _random_layer(5, masked=True)
+  cfg = saliency.ScoreConfig("mean_of_ratios", eps=0.0, magnitude_prior=True)
+  k = jnp.asarray(w_oi.T, jnp.float32)
+  _, want = run_scores(k, xs, xu, cfg, vs, vu)
+  step = jax.jit(saliency.stats_and_update, static_argnames=("cfg",))
+  accs = step(saliency.init_accumulators({"l": k}), {"l": xs}, {"l": xu}, {"l": k}, cfg,
+              valid_safe_bt=vs, valid_unsafe_bt=vu)
+  assert int(accs["l"].dropped) == 1
+  np.testing.assert_allclose(np.asarray(saliency.finalize_all(accs, {"l": k}, cfg)["l"]), np.asarray(want),
+                             rtol=1e-6)
+
+
 def test_nonfinite_sample_raises_with_its_index():
   w_oi, xs, xu, _, _ = _random_layer(3, masked=False)
   xu = xu.copy()
