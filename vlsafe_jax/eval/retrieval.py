@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlsafe_jax.geometry import lorentz
+
 KS = (1, 5, 10, 20)
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -38,26 +40,22 @@ def cosine(q_bd: jax.Array, g_md: jax.Array) -> jax.Array:
 
 
 def lorentz_inner(curv: float | jax.Array = 1.0) -> ScoreFn:
-  """Lorentzian inner product ``<q, g>_L = q.g - q_time g_time`` of hyperboloid points (higher = closer).
+  """Score function: Lorentzian inner product ``<q, g>_L`` of hyperboloid points (higher = closer).
 
-  Points are given by their *space* components (MERU/HySAC convention); the time component is recomputed from
-  the hyperboloid constraint ``x_time = sqrt(1/curv + ||x||^2)``, ``curv > 0`` (curvature ``-curv``).
-  Ranking by it is ranking by ascending geodesic distance (``hysac.md`` §7.2).
+  Points are space components (``vlsafe_jax.geometry.lorentz`` conventions, ``curv`` = c > 0). Ranking by it is
+  ranking by ascending geodesic distance (``hysac.md`` §7.2). Build it once and reuse it: each new function
+  object is a new static argument (a recompilation).
   """
   def fn(q_bd, g_md):
-    qt_b = jnp.sqrt(1.0 / curv + jnp.sum(jnp.square(q_bd), -1))
-    gt_m = jnp.sqrt(1.0 / curv + jnp.sum(jnp.square(g_md), -1))
-    return jnp.dot(q_bd, g_md.T, precision=jax.lax.Precision.HIGHEST) - qt_b[:, None] * gt_m[None, :]
+    return lorentz.pairwise_inner(q_bd, g_md, curv)
   return fn
 
 
 def neg_geodesic_distance(curv: float | jax.Array = 1.0) -> ScoreFn:
-  """``-d(q, g) = -acosh(-curv <q, g>_L) / sqrt(curv)``; same ranking as :func:`lorentz_inner`."""
-  inner = lorentz_inner(curv)
-
+  """Score function: ``-d(q, g)`` (geodesic distance, ``lorentz.pairwise_dist``); same ranking as
+  :func:`lorentz_inner` except where the arccosh clamp merges near-identical points."""
   def fn(q_bd, g_md):
-    # -curv <q,g>_L >= 1 in exact arithmetic; clamp the float error below 1 so acosh stays finite.
-    return -jnp.arccosh(jnp.maximum(-curv * inner(q_bd, g_md), 1.0)) / jnp.sqrt(curv)
+    return -lorentz.pairwise_dist(q_bd, g_md, curv)
   return fn
 
 
