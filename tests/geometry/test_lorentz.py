@@ -38,32 +38,37 @@ GOLDEN = {
 }
 
 
+@jax.jit
+def _golden_outputs(v, c):
+  """Every op on the golden points in one compiled call (one compile per dtype keeps the file fast)."""
+  x = L.exp_map0(v, c)
+  root = jnp.zeros((1, 3), v.dtype)
+  return dict(
+      x=x, root_dist=L.pairwise_dist(root, x, c)[0], log=L.log_map0(x, c), pd=L.pairwise_dist(x, x, c),
+      ed=L.elementwise_dist(x[jnp.array([0, 0, 1])], x[jnp.array([1, 2, 2])], c), pi=L.pairwise_inner(x, x, c),
+      omega=L.half_aperture(x, c), phi=L.oxy_angle(x[jnp.array([0, 1, 2])], x[jnp.array([1, 0, 1])], c),
+      pphi=L.pairwise_oxy_angle(x, x, c))
+
+
 def _check_goldens(c, dtype, rtol, dist_atol):
   g = GOLDEN[c]
-  v = jnp.asarray(V, dtype)
-  x = L.exp_map0(v, c)
-  assert x.dtype == dtype
-  np.testing.assert_allclose(np.asarray(x), g["x"], rtol=rtol, atol=1e-12)
+  out = _golden_outputs(jnp.asarray(V, dtype), jnp.asarray(c, dtype))
+  assert out["x"].dtype == dtype
+  out = {k: np.asarray(a) for k, a in out.items()}
+  np.testing.assert_allclose(out["x"], g["x"], rtol=rtol, atol=1e-12)
   # Distance of exp0(v) from the root is ||v||; log0 recovers v.
-  root = jnp.zeros((1, 3), dtype)
-  np.testing.assert_allclose(np.asarray(L.pairwise_dist(root, x, c))[0], V_NORMS, rtol=rtol, atol=dist_atol)
-  np.testing.assert_allclose(np.asarray(L.log_map0(x, c)), V, rtol=rtol, atol=dist_atol)
-  pd = np.asarray(L.pairwise_dist(x, x, c))
-  ed = np.asarray(L.elementwise_dist(x[jnp.array([0, 0, 1])], x[jnp.array([1, 2, 2])], c))
-  for k, (i, j) in enumerate(g["dist"]):
-    np.testing.assert_allclose(pd[i, j], g["dist"][(i, j)], rtol=rtol, atol=dist_atol)
-    np.testing.assert_allclose(ed[k], g["dist"][(i, j)], rtol=rtol, atol=dist_atol)
-  if "inner" in g:
-    pi = np.asarray(L.pairwise_inner(x, x, c))
-    for (i, j), want in g["inner"].items():
-      np.testing.assert_allclose(pi[i, j], want, rtol=rtol)
-  np.testing.assert_allclose(np.asarray(L.half_aperture(x, c)), g["omega"], rtol=rtol)
-  apex, child = zip(*g["phi"])
-  phi = L.oxy_angle(x[jnp.array(apex)], x[jnp.array(child)], c)
-  np.testing.assert_allclose(np.asarray(phi), list(g["phi"].values()), rtol=rtol)
-  pphi = np.asarray(L.pairwise_oxy_angle(x, x, c))
+  np.testing.assert_allclose(out["root_dist"], V_NORMS, rtol=rtol, atol=dist_atol)
+  np.testing.assert_allclose(out["log"], V, rtol=rtol, atol=dist_atol)
+  for k, ((i, j), want) in enumerate(g["dist"].items()):
+    np.testing.assert_allclose(out["pd"][i, j], want, rtol=rtol, atol=dist_atol)
+    np.testing.assert_allclose(out["ed"][k], want, rtol=rtol, atol=dist_atol)
+  for (i, j), want in g.get("inner", {}).items():
+    np.testing.assert_allclose(out["pi"][i, j], want, rtol=rtol)
+  np.testing.assert_allclose(out["omega"], g["omega"], rtol=rtol)
+  assert list(g["phi"]) == [(0, 1), (1, 0), (2, 1)]
+  np.testing.assert_allclose(out["phi"], list(g["phi"].values()), rtol=rtol)
   for (i, j), want in g["phi"].items():
-    np.testing.assert_allclose(pphi[i, j], want, rtol=rtol)
+    np.testing.assert_allclose(out["pphi"][i, j], want, rtol=rtol)
 
 
 @pytest.mark.parametrize("c", [1.0, 10.0, 0.1])
@@ -97,43 +102,49 @@ def _random_tangent(key, n, d, lo=0.1, hi=3.0):
   return u * jax.random.uniform(k2, (n, 1), minval=lo, maxval=hi)
 
 
+@jax.jit
+def _identity_outputs(v, c):
+  n, d = v.shape
+  x = L.exp_map0(v, c)
+  root = jnp.zeros((1, d), v.dtype)
+  ii, jj = jnp.meshgrid(jnp.arange(n), jnp.arange(n), indexing="ij")
+  return dict(
+      log=L.log_map0(x, c), root_dist=L.pairwise_dist(root, x, c)[0], self_inner=L.elementwise_inner(x, x, c),
+      time=L.time_component(x, c), x=x, dm=L.pairwise_dist(x, x, c), edm=L.elementwise_dist(x[ii], x[jj], c),
+      pi=L.pairwise_inner(x, x, c), ei=L.elementwise_inner(x[ii], x[jj], c), pphi=L.pairwise_oxy_angle(x, x, c),
+      bphi=L.oxy_angle(x[:, None, :], x[None, :, :], c), ephi=L.oxy_angle(x[ii], x[jj], c),
+      omega=L.half_aperture(x, c))
+
+
 @pytest.mark.parametrize("c", [0.3, 1.0, 7.0])
 def test_identities_float64(c):
   with jax.enable_x64(True):
-    d = 13
-    v = _random_tangent(jax.random.key(0), 11, d).astype(jnp.float64)
-    x = L.exp_map0(v, c)
-    chex.assert_trees_all_close(L.log_map0(x, c), v, rtol=1e-10, atol=1e-12)
-    root = jnp.zeros((1, d), jnp.float64)
-    # d(0, x) = ||log0(x)|| = ||v||.
-    chex.assert_trees_all_close(L.pairwise_dist(root, x, c)[0], jnp.linalg.norm(L.log_map0(x, c), axis=-1),
-                                rtol=1e-10)
-    chex.assert_trees_all_close(L.pairwise_dist(root, x, c)[0], jnp.linalg.norm(v, axis=-1), rtol=1e-10)
-    # <x, x>_L = -1/c; time component consistent.
-    chex.assert_trees_all_close(L.elementwise_inner(x, x, c), jnp.full((11,), -1.0 / c), rtol=1e-10)
-    chex.assert_trees_all_close(L.time_component(x, c) ** 2 - jnp.sum(x * x, -1), jnp.full((11,), 1.0 / c),
-                                rtol=1e-9)
-    dm = L.pairwise_dist(x, x, c)
-    chex.assert_trees_all_close(dm, dm.T, rtol=1e-12, atol=1e-12)
-    # Pairwise vs elementwise forms agree.
-    ii, jj = jnp.meshgrid(jnp.arange(11), jnp.arange(11), indexing="ij")
-    # Off-diagonal only for distances: a self-distance is sqrt(rounding noise) (hysac.md §1.4).
-    off = ~jnp.eye(11, dtype=bool)
-    chex.assert_trees_all_close(jnp.where(off, L.elementwise_dist(x[ii], x[jj], c), 0), jnp.where(off, dm, 0),
-                                rtol=1e-10, atol=1e-12)
-    chex.assert_trees_all_close(L.elementwise_inner(x[ii], x[jj], c), L.pairwise_inner(x, x, c), rtol=1e-12,
-                                atol=1e-9)
-    phi_pair = L.pairwise_oxy_angle(x, x, c)
-    # atol: self-pairs (diagonal) are 0/0-like and differ by rounding between matmul and row-wise dot.
-    chex.assert_trees_all_close(L.oxy_angle(x[:, None, :], x[None, :, :], c), phi_pair, rtol=1e-10, atol=1e-8)
-    chex.assert_trees_all_close(L.oxy_angle(x[ii], x[jj], c), phi_pair, rtol=1e-10, atol=1e-8)
-    # Triangle inequality on every triple.
-    tri = dm[:, :, None] + dm[None, :, :] - dm[:, None, :]
-    assert float(jnp.min(tri)) >= -1e-9
-    # Ranges.
-    om = L.half_aperture(x, c)
-    assert bool(jnp.all((om > 0) & (om <= OMEGA_MAX + 1e-15)))
-    assert float(jnp.min(phi_pair)) >= PHI_MIN - 1e-15 and float(jnp.max(phi_pair)) <= PHI_MAX + 1e-15
+    n = 11
+    v = np.asarray(_random_tangent(jax.random.key(0), n, 13), np.float64)
+    o = {k: np.asarray(a) for k, a in _identity_outputs(jnp.asarray(v), jnp.float64(c)).items()}
+  v_norm = np.linalg.norm(v, axis=-1)
+  np.testing.assert_allclose(o["log"], v, rtol=1e-10, atol=1e-12)
+  # d(0, x) = ||log0(x)|| = ||v||.
+  np.testing.assert_allclose(o["root_dist"], np.linalg.norm(o["log"], axis=-1), rtol=1e-10)
+  np.testing.assert_allclose(o["root_dist"], v_norm, rtol=1e-10)
+  # <x, x>_L = -1/c; time component consistent.
+  np.testing.assert_allclose(o["self_inner"], -1.0 / c, rtol=1e-10)
+  np.testing.assert_allclose(o["time"] ** 2 - np.sum(o["x"] ** 2, -1), 1.0 / c, rtol=1e-9)
+  dm = o["dm"]
+  np.testing.assert_allclose(dm, dm.T, rtol=1e-12, atol=1e-12)
+  # Pairwise vs elementwise forms agree. Off-diagonal only for distances: a self-distance is sqrt(rounding noise)
+  # (hysac.md §1.4); angles of self-pairs likewise get an atol.
+  off = ~np.eye(n, dtype=bool)
+  np.testing.assert_allclose(o["edm"][off], dm[off], rtol=1e-10)
+  np.testing.assert_allclose(o["ei"], o["pi"], rtol=1e-12, atol=1e-9)
+  np.testing.assert_allclose(o["bphi"], o["pphi"], rtol=1e-10, atol=1e-8)
+  np.testing.assert_allclose(o["ephi"], o["pphi"], rtol=1e-10, atol=1e-8)
+  # Triangle inequality on every triple.
+  tri = dm[:, :, None] + dm[None, :, :] - dm[:, None, :]
+  assert tri.min() >= -1e-9
+  # Ranges.
+  assert np.all((o["omega"] > 0) & (o["omega"] <= OMEGA_MAX + 1e-15))
+  assert o["pphi"].min() >= PHI_MIN - 1e-15 and o["pphi"].max() <= PHI_MAX + 1e-15
 
 
 def test_identities_float32_and_shapes():
