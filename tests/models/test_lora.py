@@ -294,7 +294,7 @@ def test_peft_import_reproduces_torch_peft(tmp_path):
     txt_ref = base.text_projection(base.text_model(input_ids=torch.tensor(np.asarray(ids))).pooler_output).numpy()
   img, txt = _embed(model, pixels, ids)
   with torch.no_grad():
-    plain = hf_cfg and CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    plain = CLIPModel.from_pretrained(tmp_path / "hf").eval()
     img_plain = plain.visual_projection(plain.vision_model(pixel_values=px).pooler_output).numpy()
   assert np.abs(img_ref - img_plain).max() > 1e-3                    # the PEFT adapters are not a no-op
   np.testing.assert_allclose(img, img_ref, rtol=RTOL, atol=ATOL)
