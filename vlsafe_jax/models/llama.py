@@ -306,8 +306,12 @@ class KVCache(NamedTuple):
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
   """Empty cache for ``batch`` rows and ``max_len`` slots (prompt bucket + new tokens)."""
   shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
-                 jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  # Under a mesh the cache splits like the activations (batch over data/fsdp, KV heads over model); a no-op
+  # otherwise. Without it a cache created inside jit would be replicated on every device.
+  kv_axes = (None, "batch", "length", "act_heads", None)
+  k = sharding.constrain(jnp.zeros(shape, dtype), kv_axes)
+  v = sharding.constrain(jnp.zeros(shape, dtype), kv_axes)
+  return KVCache(k, v, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
 
 # --------------------------------------------------------------------------------------------------------------
