@@ -290,3 +290,22 @@ def test_bad_inputs_raise_named_errors(pair):
     model(jnp.zeros((2, 5), jnp.int32), steer_vectors=jnp.zeros((cfg.num_hidden_layers + 1, cfg.hidden_size)))
   with pytest.raises(ValueError, match="model_type"):
     L.LlamaConfig.from_hf({"model_type": "clip"})
+
+
+def test_remat_gives_identical_gradients():
+  cfg = L.LlamaConfig(vocab_size=31, hidden_size=24, intermediate_size=19, num_hidden_layers=2,
+                      num_attention_heads=3, num_key_value_heads=1)
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, 31, (2, 7)))
+
+  def grads(remat):
+    import dataclasses
+    model = L.Llama(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def g(m):
+      return nnx.grad(lambda m: jnp.mean(jax.nn.log_softmax(m(ids)[0])[..., 0]))(m)
+    return g(model)
+
+  a, b = grads(False), grads(True)
+  chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
+  assert float(jnp.abs(a["model"]["layers"]["mlp"]["up_proj"]["kernel"].get_value()).max()) > 0

@@ -128,8 +128,6 @@ class LlamaConfig:
     for key in ("attention_bias", "mlp_bias"):
       if d.get(key):
         raise ValueError(f"config field {key}=true is not supported (Llama-2/Vicuna/Mistral have no biases)")
-    if d.get("pretraining_tp", 1) not in (1, None):
-      pass  # pretraining_tp only changes how HF slices matmuls, not the math.
     rope = d.get("rope_parameters")
     if isinstance(rope, Mapping) and "rope_theta" not in rope and any(isinstance(v, Mapping) for v in rope.values()):
       raise ValueError("config rope_parameters is per-layer-type (a dict of dicts); not supported for Llama")
@@ -560,7 +558,8 @@ class Llama(nnx.Module):
       steer_vectors: (L, D) or (B, L, D) additive per-layer vectors (float32, cast at the add).
       steer_mask_bt: (B, T) where to add them (default: the attention mask). ``steer_alpha``: scalar.
       output_hidden_states: return ``extras['hidden_states']`` (L+1, B, T, D): embeddings then each layer.
-      hidden_positions_bp: int (B, P) -> ``extras['hidden_at_positions']`` (B, L, P, D).
+      hidden_positions_bp: int (B, P) indices into this call's T tokens -> ``extras['hidden_at_positions']``
+        (B, L, P, D) (e.g. the last prompt token, ``T - 1`` under left padding).
       hidden_masks_bmt: (B, M, T) 0/1 -> ``extras['hidden_masked_means']`` (B, L, M, D) float32 means.
       logits: ``"all"`` (B, T, V), ``"last"`` (B, V) at the last position (left padding puts every row's last
         real token there), or ``"none"``.
