@@ -2,6 +2,8 @@
 
   clip    --src HF_DIR --dst OUT_DIR [--param-dtype float32|bfloat16|float16]
   export  --src OUT_DIR --dst HF_DIR [--dtype ...]     converted (or HF) CLIP dir -> HF CLIPModel dir
+  hysac   --src hysac_model.pth [--bounds hysac_bounds.json] --base HF_CLIP_DIR --dst OUT_DIR
+          released HySAC weights -> HySAC trainable-state dir (methods/hysac/model.py load_hysac)
 
 New model families add a ``_cmd_<name>(args)`` and a sub-parser in ``_parser()`` (llava, hysac later).
 """
@@ -33,6 +35,14 @@ def _cmd_export(args) -> None:
   print(f"exported {args.src} -> {out} (HF CLIP layout) in {time.perf_counter() - t0:.1f} s")
 
 
+def _cmd_hysac(args) -> None:
+  from checkpoints_convert import hysac
+  t0 = time.perf_counter()
+  out = hysac.convert_cli(args.src, args.base, args.dst, args.bounds, args.lora_alpha,
+                          check_base=not args.no_check_base)
+  print(f"imported {args.src} -> {out} (base CLIP {args.base}) in {time.perf_counter() - t0:.1f} s")
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m checkpoints_convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--dst", required=True)
   e.add_argument("--dtype", choices=_DTYPES, default=None, help="default: as stored")
   e.set_defaults(fn=_cmd_export)
+  h = sub.add_parser("hysac", help="released HySAC hysac_model.pth -> HySAC trainable-state directory")
+  h.add_argument("--src", required=True, help="hysac_model.pth (torch state dict; loaded with weights_only=True)")
+  h.add_argument("--base", required=True, help="the HF CLIP directory it was fine-tuned from (ViT-L/14)")
+  h.add_argument("--dst", required=True)
+  h.add_argument("--bounds", default=None, help="hysac_bounds.json (copied to DST/bounds.json after checks)")
+  h.add_argument("--lora-alpha", type=float, default=1.0, help="PEFT lora_alpha (not in the state dict; HySAC: 1)")
+  h.add_argument("--no-check-base", action="store_true",
+                 help="do not compare the checkpoint's base weights with --base")
+  h.set_defaults(fn=_cmd_hysac)
   return p
 
 
