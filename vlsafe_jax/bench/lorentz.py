@@ -1,0 +1,207 @@
+"""``python -m vlsafe_jax.bench lorentz``: the HySAC loss block, forward + backward, JAX vs PyTorch (perf.md W4).
+
+One call = the seven-term HySAC loss (four B x B Lorentzian contrastive terms: pairwise distances + two-way
+cross-entropy; three entailment terms: half-apertures and exterior angles) on four float32 ``(B, D)`` embedding
+sets with global negatives, plus its gradient w.r.t. the four embedding sets, the log-curvature and the log
+logit-scale. JAX: one ``jax.jit`` of ``value_and_grad(hysac_loss)``. PyTorch: the same equations written below as
+plain torch functions (same clamps and eps), eager and ``torch.compile`` (inductor), ``loss.backward()`` each call.
+Both run in this process on the same inputs; a parity check (small batch) runs first. Timing follows perf.md:
+compile / first call timed separately, median over windows of ``steps`` calls.
+
+CPU defaults stay within a few minutes: windows x steps is 3 x 5 at B = 256, 3 x 2 at 1024 and 2 x 1 at 4096
+(``--windows`` / ``--steps`` set them for every batch instead).
+
+Examples:
+  python -m vlsafe_jax.bench lorentz
+  python -m vlsafe_jax.bench lorentz --batches 256,2048 --no-compile
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlsafe_jax import perf
+from vlsafe_jax.geometry import lorentz
+from vlsafe_jax.methods.hysac import losses as H
+
+# (windows, steps) per batch size when not given on the command line (CPU-sized).
+_AUTO_TIMING = {256: (3, 5), 1024: (3, 2)}
+_AUTO_TIMING_LARGE = (2, 1)
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog="python -m vlsafe_jax.bench lorentz", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batches", default="256,1024,4096", help="comma-separated batch sizes B")
+  p.add_argument("--dim", type=int, default=768, help="embedding dimension D")
+  p.add_argument("--windows", type=int, default=None, help="timing windows (default: per batch, see above)")
+  p.add_argument("--steps", type=int, default=None, help="calls per window (default: per batch, see above)")
+  p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+  p.add_argument("--no-torch", action="store_true", help="time the JAX side only")
+  p.add_argument("--out", default="runs/bench/results.jsonl", help="JSON-lines file to append ('' = none)")
+  return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PyTorch reference of the same equations (hysac.md §1-§3); torch imported lazily.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _torch_loss_fn():
+  """Returns ``loss(e_i, e_iu, e_t, e_tu, log_c, log_s) -> (total, terms)`` in plain torch (reference weights)."""
+  import torch
+  import torch.nn.functional as F
+
+  def time_comp(x, c):
+    return torch.sqrt(1 / c + torch.sum(x * x, dim=-1))
+
+  def pairwise_dist(x, y, c, eps=1e-8):
+    inner = x @ y.T - time_comp(x, c)[:, None] * time_comp(y, c)[None, :]
+    return torch.acosh(torch.clamp(-c * inner, min=1 + eps)) / torch.sqrt(c)
+
+  def half_aperture(x, c, k=0.1, eps=1e-5):
+    return torch.asin(torch.clamp(2 * k / (torch.sqrt(c) * torch.linalg.vector_norm(x, dim=-1) + eps),
+                                  -1 + eps, 1 - eps))
+
+  def oxy_angle(x, y, c, eps=1e-5):
+    x0, y0 = time_comp(x, c), time_comp(y, c)
+    ell = c * (torch.sum(x * y, dim=-1) - x0 * y0)
+    num = y0 + ell * x0
+    den = torch.sqrt(torch.clamp(ell * ell - 1, min=eps))
+    return torch.acos(torch.clamp(num / (torch.linalg.vector_norm(x, dim=-1) * den + eps), -1 + eps, 1 - eps))
+
+  def contrastive(a, z, c, s):
+    logits = -s * pairwise_dist(a, z, c)
+    tgt = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
+
+  def entail(p, q, c, eta=1.0):
+    return torch.mean(torch.relu(oxy_angle(p, q, c) - eta * half_aperture(p, c)))
+
+  def loss(e_i, e_iu, e_t, e_tu, log_c, log_s):
+    c, s = torch.exp(log_c), torch.exp(log_s)
+    terms = [contrastive(e_i, e_t, c, s), contrastive(e_iu, e_tu, c, s), contrastive(e_iu, e_t, c, s),
+             contrastive(e_i, e_tu, c, s), entail(e_t, e_i, c), entail(e_tu, e_iu, c), entail(e_i, e_tu, c)]
+    return sum(terms) / 49.0, terms
+
+  return loss
+
+
+def _inputs(b, d, seed=0):
+  """Four float32 (B, D) sets (e_i, e_iu, e_t, e_tu) lifted like CLIP features (norm ~15, alpha = 1/sqrt(768)).
+
+  Root distances ~0.3-0.8 with the trained ordering T < I < T* < I*, so every term is active.
+  """
+  rng = np.random.default_rng(seed)
+  base = rng.normal(size=(b, d)).astype(np.float32)
+  out = []
+  for scale in (0.8, 1.4, 0.6, 1.0):
+    f = scale * (base + 0.5 * rng.normal(size=(b, d)).astype(np.float32)) * 0.5
+    out.append(np.asarray(lorentz.exp_map0(jnp.asarray(f) / math.sqrt(768.0), 1.0), np.float32))
+  return out
+
+
+def main(argv: list[str]) -> None:
+  args = _parse(argv)
+  batches = [int(b) for b in args.batches.split(",")]
+  env = perf.environment()
+  cfg = H.HySACLossConfig(negatives="global")
+  log_c0, log_s0 = 0.3, math.log(1 / 0.07)
+
+  def jax_loss(e_i, e_iu, e_t, e_tu, log_c, log_s):
+    return H.hysac_loss(e_i, e_iu, e_t, e_tu, jnp.exp(log_c), jnp.exp(log_s), cfg)[0]
+
+  jax_step = jax.jit(jax.value_and_grad(jax_loss, argnums=(0, 1, 2, 3, 4, 5)))
+
+  torch_side = None
+  if not args.no_torch:
+    import torch  # bench-time only
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t_loss = _torch_loss_fn()
+
+    def t_step_eager(tensors):
+      for t in tensors:
+        t.grad = None
+      total, _ = t_loss(*tensors)
+      total.backward()
+      return total
+
+    t_loss_compiled = torch.compile(lambda *a: t_loss(*a)[0]) if not args.no_compile else None
+
+    def t_step_compiled(tensors):
+      for t in tensors:
+        t.grad = None
+      total = t_loss_compiled(*tensors)
+      total.backward()
+      return total
+
+    def to_torch(arrays):
+      ts = [torch.tensor(a, device=device, requires_grad=True) for a in arrays]
+      ts += [torch.tensor(log_c0, dtype=torch.float32, device=device, requires_grad=True),
+             torch.tensor(log_s0, dtype=torch.float32, device=device, requires_grad=True)]
+      return ts
+
+    torch_side = (torch, device, t_step_eager, t_step_compiled, to_torch, t_loss)
+
+    # Parity once on a small batch: loss value, every term and the gradients.
+    small = _inputs(64, args.dim, seed=1)
+    jv, jg = jax_step(*map(jnp.asarray, small), jnp.float32(log_c0), jnp.float32(log_s0))
+    _, j_terms = H.hysac_loss(*map(jnp.asarray, small), jnp.exp(jnp.float32(log_c0)),
+                              jnp.exp(jnp.float32(log_s0)), cfg)
+    ts = to_torch(small)
+    tv = t_step_eager(ts)
+    _, t_terms = t_loss(*ts)
+    loss_err = abs(float(tv.detach()) - float(jv)) / max(abs(float(jv)), 1e-12)
+    term_err = max(abs(float(t_terms[i].detach()) - float(j_terms[k])) for i, k in enumerate(H.TERM_NAMES))
+    grad_err = max(float(np.max(np.abs(ts[i].grad.cpu().numpy() - np.asarray(jg[i])))) /
+                   max(float(np.max(np.abs(np.asarray(jg[i])))), 1e-12) for i in range(6))
+    ok = loss_err < 1e-4 and term_err < 1e-4 and grad_err < 1e-3
+    print(f"parity (B=64, D={args.dim}, float32): loss rel err {loss_err:.2e}, max term abs err {term_err:.2e}, "
+          f"max grad rel err {grad_err:.2e} -> {'OK' if ok else 'MISMATCH'}", flush=True)
+
+  rows = []
+  for b in batches:
+    windows, steps = _AUTO_TIMING.get(b, _AUTO_TIMING_LARGE)
+    windows, steps = args.windows or windows, args.steps or steps
+    arrays = _inputs(b, args.dim)
+    j_in = [jnp.asarray(a) for a in arrays] + [jnp.float32(log_c0), jnp.float32(log_s0)]
+    tj = perf.time_fn(lambda: jax_step(*j_in), windows=windows, steps=steps)
+    row = {"batch": b, "dim": args.dim, "windows": windows, "steps": steps, "jax_ms": tj.median * 1e3,
+           "jax_compile_s": tj.compile_s}
+    if torch_side is not None:
+      torch, device, t_step_eager, t_step_compiled, to_torch, _ = torch_side
+      ts = to_torch(arrays)
+      sync = perf.torch_sync(device)
+      te = perf.time_fn(lambda: t_step_eager(ts), windows=windows, steps=steps, sync=sync)
+      row.update(torch_eager_ms=te.median * 1e3, eager_over_jax=te.median / tj.median)
+      if not args.no_compile:
+        tc = perf.time_fn(lambda: t_step_compiled(ts), windows=windows, steps=steps, sync=sync)
+        row.update(torch_compile_ms=tc.median * 1e3, torch_compile_first_s=tc.compile_s,
+                   compile_over_jax=tc.median / tj.median)
+    rows.append(row)
+    print(f"  B={b}: jax {row['jax_ms']:.2f} ms" +
+          (f", torch eager {row['torch_eager_ms']:.2f} ms" if "torch_eager_ms" in row else "") +
+          (f", torch.compile {row['torch_compile_ms']:.2f} ms" if "torch_compile_ms" in row else ""), flush=True)
+
+  fmt = lambda r, k: r[k] if k in r else "-"
+  ratio = lambda r, k: f"{r[k]:.2f}x" if k in r else "-"
+  headers = ["batch", "JAX ms/call", "torch eager ms", "torch.compile ms", "eager/JAX", "compile/JAX",
+             "windows x steps"]
+  table = [[r["batch"], r["jax_ms"], fmt(r, "torch_eager_ms"), fmt(r, "torch_compile_ms"),
+            ratio(r, "eager_over_jax"), ratio(r, "compile_over_jax"), f"{r['windows']}x{r['steps']}"]
+           for r in rows]
+  print(f"\nHySAC loss block fwd+bwd (7 terms, global negatives), D={args.dim}, float32; device "
+        f"{env['device_kind']} ({env['platform']}, {env['device_count']} device(s), {env['host_cpus']} host CPUs), "
+        f"jax {env['jax']}, flax {env['flax']}, torch {env.get('torch', '-')} "
+        f"({env.get('torch_device', 'cpu')}, {env.get('torch_threads', '-')} threads)")
+  print(perf.format_table(headers, table))
+  print("ratios > 1 mean JAX is faster.")
+  if args.out:
+    for r in rows:
+      perf.append_result({"bench": "lorentz", **r, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                         args.out)
