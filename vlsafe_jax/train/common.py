@@ -1,0 +1,368 @@
+"""Loop pieces shared by the trainers (``clip_trainer``, ``hysac_trainer``): run directory, metrics, optimizer,
+jitted update with donation, orbax resume, non-finite guard, progress bars.
+
+Train state is a plain dict pytree ``{"params": pure dict, "opt": optax state, "step": int32}``; the frozen part of
+a model (base weights, rng streams) is a separate, non-donated pure dict. ``make_update_fn`` turns a loss function
+``loss_fn(params, frozen, batch, key) -> (loss, aux)`` into the jitted ``(state, frozen, batch, rng) -> (state,
+metrics)`` step: one trace, state donated, ``out_shardings`` pinned.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vlsafe_jax import checkpoint as ckpt_lib
+from vlsafe_jax import sharding
+
+State = dict[str, Any]
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when a step produced a NaN/Inf loss with ``nonfinite="raise"``; the last checkpoint is untouched."""
+
+
+class StopAfterSteps(RuntimeError):
+  """Raised after ``max_steps_this_run`` steps (simulates a killed job; the run resumes from its checkpoint)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run directory and metrics
+# --------------------------------------------------------------------------------------------------------------
+
+def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+  """``jax.distributed.initialize()`` for multi-host launches: config ``distributed=True`` or the coordinator
+  environment variables (``JAX_COORDINATOR_ADDRESS``; SLURM / cloud TPU environments are auto-detected by JAX)."""
+  want = bool(cfg.get("distributed", False)) or "JAX_COORDINATOR_ADDRESS" in os.environ
+  if want and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def prepare_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> Path:
+  """Creates the run directory and writes ``config.json``; a different config in an existing run is an error
+  (a new ``--workdir`` starts afresh), except for the keys that only control how far this process runs."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / "config.json"
+  new = json.loads(json.dumps(cfg.to_dict(), default=list))
+  volatile = ("max_steps_this_run",)
+  strip = lambda d: {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in volatile}
+  if path.exists() and jax.process_index() == 0:
+    old = json.loads(path.read_text())
+    if strip(old) != strip(new):
+      raise ValueError(f"{path} holds a different config; re-run with the same config to resume, or pass a new "
+                       f"--workdir to start afresh")
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(new, indent=2))
+  return workdir
+
+
+class MetricsWriter:
+  """Appends JSON lines to ``metrics.jsonl`` (process 0 only). On resume, :meth:`truncate` drops the records a
+  killed run wrote after its last checkpoint, so a resumed run's log equals an uninterrupted one."""
+
+  def __init__(self, path: Path):
+    self.path = Path(path)
+
+  def truncate(self, stage: str, step: int) -> None:
+    if not self.path.exists() or jax.process_index() != 0:
+      return
+    keep = [l for l in self.path.read_text().splitlines()
+            if l.strip() and not (json.loads(l).get("stage") == stage and json.loads(l).get("step", -1) > step)]
+    self.path.write_text("".join(l + "\n" for l in keep))
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if jax.process_index() != 0:
+      return
+    clean = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v) for k, v in record.items()}
+    with self.path.open("a") as f:
+      f.write(json.dumps(clean) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------------------
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """``constant`` (the reference) or ``warmup_cosine`` (MERU: linear warmup then cosine decay to 0)."""
+  if optim.schedule == "constant":
+    return optax.constant_schedule(optim.lr)
+  if optim.schedule == "warmup_cosine":
+    warm = min(int(optim.warmup_steps), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warm, max(total_steps, warm + 1))
+  raise ValueError(f"optim.schedule must be 'constant' or 'warmup_cosine', got {optim.schedule!r}")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, wd_mask: Any = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with betas / eps / weight decay from ``optim``; ``wd_mask`` (pure dict of bools) selects decayed leaves."""
+  lr = learning_rate_schedule(optim, total_steps)
+  tx = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=wd_mask)
+  return tx, lr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sharded state and the jitted update
+# --------------------------------------------------------------------------------------------------------------
+
+def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
+  """``('data', 'fsdp', 'model')`` mesh over all visible devices from ``cfg.mesh.{data,fsdp}``."""
+  return sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp)
+
+
+def pure_shardings(state: nnx.State, mesh: Mesh) -> Any:
+  """Pure-dict tree of NamedShardings for an nnx ``State`` (logical annotations; unannotated = replicated)."""
+  return nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+
+
+def train_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_sh: Any,
+                          mesh: Mesh) -> State:
+  """Shardings of ``{"params", "opt", "step"}``: optimizer moments follow their parameters, the rest replicated."""
+  abs_opt = jax.eval_shape(tx.init, abstract_params)
+  repl = NamedSharding(mesh, P())
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: repl)
+  return {"params": param_sh, "opt": opt_sh, "step": repl}
+
+
+def init_train_state(tx: optax.GradientTransformation, params: Any, state_sh: State) -> State:
+  """Jitted, sharded init of the train state (optimizer moments are created directly on their devices)."""
+  fn = jax.jit(lambda p: {"params": p, "opt": tx.init(p), "step": jnp.zeros((), jnp.int32)},
+               out_shardings=state_sh)
+  return fn(params)
+
+
+def global_norm(tree: Any) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_update_fn(loss_fn: Callable, tx: optax.GradientTransformation, *, state_sh: State, mesh: Mesh,
+                   lr_fn: optax.Schedule | None = None, nonfinite: str = "raise",
+                   pre_step: Callable[[Any], Any] | None = None) -> Callable:
+  """The jitted train step ``(state, frozen, batch, rng) -> (state, metrics)`` (state donated).
+
+  Args:
+    loss_fn: ``(params, frozen, batch, key) -> (loss, aux dict of 0-d arrays)``; ``key`` =
+      ``fold_in(rng, step)``, so dropout masks depend on the step, not on the process history.
+    tx: optimizer.
+    state_sh: train-state shardings (``out_shardings`` of the state).
+    mesh: device mesh (the metrics are replicated on it).
+    lr_fn: schedule, logged as ``lr``.
+    nonfinite: ``"raise"`` (update anyway; the host raises before any checkpoint of the bad state) or ``"skip"``
+      (keep params and optimizer state of a non-finite step; ``skipped`` = 1 in the metrics).
+    pre_step: applied to the params before the forward pass (HySAC's scalar clamps); its result is what the
+      gradients are taken at and what the update is applied to.
+  """
+  if nonfinite not in ("raise", "skip"):
+    raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+  repl = NamedSharding(mesh, P())
+
+  def step(state, frozen, batch, rng):
+    params = state["params"] if pre_step is None else pre_step(state["params"])
+    key = jax.random.fold_in(rng, state["step"])
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, key)
+    updates, opt = tx.update(grads, state["opt"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss)
+    if nonfinite == "skip":
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_params, opt = keep(new_params, state["params"]), keep(opt, state["opt"])
+    metrics = {"loss": loss, **aux, "grad_norm": global_norm(grads), "finite": finite.astype(jnp.float32)}
+    if lr_fn is not None:
+      metrics["lr"] = lr_fn(state["step"])
+    return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
+
+  return jax.jit(step, donate_argnums=(0,), out_shardings=(state_sh, repl))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints and the loop
+# --------------------------------------------------------------------------------------------------------------
+
+def restore_or_none(ckpt: ckpt_lib.Checkpointer, state: State, loader) -> tuple[State, int] | None:
+  """Restores the latest checkpoint into ``state``'s shapes/shardings and ``loader``'s position; None if none."""
+  step = ckpt.latest_step()
+  if step is None:
+    return None
+  out = ckpt.restore(step, arrays={"state": state}, json=("data", "meta"))
+  loader.set_state(out["data"])
+  return out["state"], step
+
+
+def save(ckpt: ckpt_lib.Checkpointer, step: int, state: State, loader, meta: Mapping[str, Any]) -> None:
+  ckpt.save(step, arrays={"state": state}, json={"data": loader.get_state(), "meta": dict(meta)})
+
+
+def to_host(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader, mesh: Mesh, rng: jax.Array,
+             total_steps: int, ckpt: ckpt_lib.Checkpointer, writer: MetricsWriter, meta: Mapping[str, Any],
+             train_cfg: ml_collections.ConfigDict, batch_size: int, flops_per_example: float | None = None,
+             log_extra: Callable[[State], dict[str, float]] | None = None,
+             on_epoch_end: Callable[[State, int], bool] | None = None) -> State:
+  """Steps ``state`` to ``total_steps`` with checkpoints every ``train_cfg.checkpoint_every`` steps and at the end.
+
+  Non-finite losses: with ``nonfinite="raise"`` the loop raises :class:`NonFiniteLossError` *before* saving, so the
+  last good checkpoint stays the latest. ``train_cfg.max_steps_this_run`` (0 = unlimited) stops the process after
+  that many steps with :class:`StopAfterSteps` (after the checkpoint of that step, if one was due): a simulated kill.
+  ``on_epoch_end(state, epoch) -> stop?`` runs after each epoch (validation, early stopping).
+  """
+  from tqdm.auto import tqdm
+  start = int(jax.device_get(state["step"]))
+  log_every = max(int(train_cfg.log_every), 1)
+  ckpt_every = max(int(train_cfg.checkpoint_every), 1)
+  limit = int(train_cfg.get("max_steps_this_run", 0) or 0)
+  from vlsafe_jax import perf
+  bar = tqdm(total=total_steps, initial=start, desc=f"train[{stage}]", unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0 or not train_cfg.get("progress", True))
+  t_last, n_since, ran = time.perf_counter(), 0, 0
+  steps_per_epoch = loader.steps_per_epoch
+  try:
+    for step in range(start, total_steps):
+      batch = sharding.shard_batch(next(loader), mesh)
+      state, metrics = step_fn(state, frozen, batch, rng)
+      n_since += 1
+      ran += 1
+      done = step + 1
+      if done % log_every == 0 or done == total_steps:
+        host = to_host(metrics)
+        dt = time.perf_counter() - t_last
+        rec = {"stage": stage, "step": done, "epoch": done / steps_per_epoch, **host,
+               "examples_per_s": n_since * batch_size / dt,
+               "examples_per_s_per_device": n_since * batch_size / dt / jax.device_count()}
+        if flops_per_example:
+          m = perf.mfu(n_since * batch_size * flops_per_example / dt / jax.device_count())
+          if m is not None:
+            rec["mfu"] = m
+        if log_extra is not None:
+          rec.update(log_extra(state))
+        if not host["finite"] and train_cfg.nonfinite == "raise":
+          raise NonFiniteLossError(
+              f"[{stage}] non-finite loss {host['loss']} at step {done}; stopping without saving. The last good "
+              f"checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is intact. Lower the learning rate, or set "
+              f"train.nonfinite=skip to skip such steps.")
+        writer.write(rec)
+        bar.set_postfix(loss=f"{host['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.0f}")
+        t_last, n_since = time.perf_counter(), 0
+      elif train_cfg.nonfinite == "raise" and train_cfg.get("check_every_step", False):
+        if not bool(jax.device_get(metrics["finite"])):
+          raise NonFiniteLossError(f"[{stage}] non-finite loss at step {done}; last good checkpoint "
+                                   f"{ckpt.latest_step()} kept in {ckpt.directory}")
+      bar.update(1)
+      if done % ckpt_every == 0 or done == total_steps:
+        if train_cfg.nonfinite == "raise" and not bool(jax.device_get(metrics["finite"])):
+          raise NonFiniteLossError(f"[{stage}] non-finite loss at step {done}; not saving. Last good checkpoint "
+                                   f"{ckpt.latest_step()} kept in {ckpt.directory}")
+        save(ckpt, done, state, loader, meta)
+      if on_epoch_end is not None and done % steps_per_epoch == 0:
+        if on_epoch_end(state, done // steps_per_epoch):
+          if ckpt.latest_step() != done:
+            save(ckpt, done, state, loader, meta)
+          writer.write({"stage": stage, "step": done, "event": "early_stop"})
+          break
+      if limit and ran >= limit and done < total_steps:
+        raise StopAfterSteps(f"[{stage}] stopped after {ran} steps (max_steps_this_run); re-run to resume")
+  finally:
+    bar.close()
+  return state
+
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data sources
+# --------------------------------------------------------------------------------------------------------------
+
+def build_data(data: ml_collections.ConfigDict, text_encoder=None) -> dict[str, Any]:
+  """Splits and the model-input transform for ``data.kind``: ``synthetic`` (the embedded benchmark), ``visu``
+  (released ViSU JSON + COCO root) or ``plain`` (JSONL/CSV manifests).
+
+  Returns ``{"train", "val", "test": random-access sources (val/test may be None), "transform", "tag_names"}``.
+  """
+  from vlsafe_jax.data import synthetic, visu
+  if data.kind == "synthetic":
+    make = lambda split: synthetic.SyntheticQuadruplets(split, data.get(f"{split}_size") or None, seed=data.seed,
+                                                        image_size=data.image_size)
+    tok = text_encoder or synthetic.SyntheticTokenizer(data.max_length)
+    return {"train": make("train"), "val": make("val"), "test": make("test"),
+            "transform": visu.QuadrupletTransform(tok, image_size=data.image_size),
+            "tag_names": list(synthetic.CATEGORIES)}
+  if text_encoder is None:
+    raise ValueError(f"data.kind={data.kind!r} needs a text encoder (the base CLIP directory's tokenizer)")
+  kw = dict(on_error=data.on_error)
+  if data.kind == "visu":
+    make = lambda split: (visu.ViSUQuadruplets(data[f"{split}_json"], data.coco_root, data.unsafe_root or None,
+                                               **kw) if data[f"{split}_json"] else None)
+  elif data.kind == "plain":
+    make = lambda split: (visu.PlainQuadruplets(data[f"{split}_json"], data.image_root or None, **kw)
+                          if data[f"{split}_json"] else None)
+  else:
+    raise ValueError(f"data.kind must be 'synthetic', 'visu' or 'plain', got {data.kind!r}")
+  if not data.train_json:
+    raise ValueError(f"data.train_json is required for data.kind={data.kind!r} (path of the training split file)")
+  return {"train": make("train"), "val": make("val"), "test": make("test"),
+          "transform": visu.QuadrupletTransform(text_encoder, image_size=data.image_size), "tag_names": None}
+
+
+def make_train_loader(source, transform, global_batch: int, data: ml_collections.ConfigDict, seed: int):
+  """The checkpointable grain loader over a training split (per-host slice of each global batch)."""
+  from vlsafe_jax.data import pipeline
+  if len(source) < global_batch:
+    raise ValueError(f"training split has {len(source)} items, fewer than one global batch ({global_batch})")
+  return pipeline.make_loader(source, global_batch, seed=seed, shuffle=True, transform=transform,
+                              worker_count=data.worker_count, read_threads=data.read_threads)
+
+
+def iterate_split(source, transform, batch_size: int, limit: int | None = None):
+  """Unshuffled batches over (the first ``limit`` items of) a split, for embedding; the last batch may be short."""
+  from vlsafe_jax.data import pipeline
+  n = len(source) if limit is None else min(limit, len(source))
+  if n < len(source):
+    class _Head:
+      def __len__(self):
+        return n
+      def __getitem__(self, i):
+        return source[i]
+    source = _Head()
+  loader = pipeline.make_loader(source, min(batch_size, n), seed=0, shuffle=False, num_epochs=1,
+                                drop_remainder=False, transform=transform, shard_index=0, shard_count=1)
+  yield from loader
+
+
+def embed_split(encode: Callable[[dict], tuple[np.ndarray, ...]], source, transform, batch_size: int,
+                limit: int | None = None) -> dict[str, np.ndarray]:
+  """Runs ``encode(batch) -> (e_i, e_iu, e_t, e_tu)`` over a split; returns ``{"I", "I*", "T", "T*", "tags"}``.
+
+  Batches are padded to ``batch_size`` (one compilation) and the padding rows dropped.
+  """
+  outs = {k: [] for k in ("I", "I*", "T", "T*", "tags")}
+  for batch in iterate_split(source, transform, batch_size, limit):
+    n = batch["safe_image"].shape[0]
+    padded = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, 0)]) if n < batch_size else v
+              for k, v in batch.items() if k in ("safe_image", "unsafe_image", "safe_ids", "unsafe_ids")}
+    embs = jax.device_get(encode(padded))
+    for k, e in zip(("I", "I*", "T", "T*"), embs):
+      outs[k].append(np.asarray(e[:n], np.float32))
+    outs["tags"].append(np.asarray(batch.get("tag", np.zeros(n, np.int32)))[:n])
+  return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+__all__ = [
+    "NonFiniteLossError", "StopAfterSteps", "maybe_initialize_distributed", "prepare_workdir", "MetricsWriter",
+    "learning_rate_schedule", "make_optimizer", "make_mesh", "pure_shardings", "train_state_shardings",
+    "init_train_state", "global_norm", "make_update_fn", "restore_or_none", "save", "to_host", "run_loop",
+    "build_data", "make_train_loader", "iterate_split", "embed_split",
+]
