@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import jax
@@ -200,8 +201,11 @@ def main(argv: list[str]) -> None:
         f"jax {env['jax']}, flax {env['flax']}, torch {env.get('torch', '-')} "
         f"({env.get('torch_device', 'cpu')}, {env.get('torch_threads', '-')} threads)")
   print(perf.format_table(headers, table))
-  print("ratios > 1 mean JAX is faster.")
+  # Shared CPUs make torch's OpenMP threads especially noisy; the load average tells readers how busy the host was.
+  load = os.getloadavg() if hasattr(os, "getloadavg") else None
+  print("ratios > 1 mean JAX is faster." + (f" host load average (1/5/15 min): {load[0]:.1f}/{load[1]:.1f}/"
+                                             f"{load[2]:.1f}" if load else ""))
   if args.out:
     for r in rows:
-      perf.append_result({"bench": "lorentz", **r, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                         args.out)
+      perf.append_result({"bench": "lorentz", **r, "env": env, "load_avg": load,
+                          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, args.out)
