@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlsafe_jax.geometry import lorentz
+# d(0, x) = asinh(sqrt(c)||x||)/sqrt(c), closed form (no log_map0 eps floor); owned by the model module.
+from vlsafe_jax.methods.hysac.model import root_distance
 
 VARIANTS = ("code", "paper")
 MODES = ("upper", "lower")
@@ -44,23 +46,6 @@ MODES = ("upper", "lower")
 DEFAULT_STAT = {"code": "up_95", "paper": "avg"}
 ALPHA_T = 0.8
 ROOT_LABEL = "[ROOT]"
-
-
-def root_distance(x_nd: jax.Array, curv) -> jax.Array:
-  """Geodesic distance from the root, ``d(0, x) = ||log0(x)|| = asinh(sqrt(c)||x||)/sqrt(c)``.
-
-  Args:
-    x_nd: ``(..., D)`` hyperboloid points (space components).
-    curv: curvature magnitude c > 0.
-
-  Returns:
-    ``(...)`` float32 (or wider) distances >= 0. Computed in closed form (``asinh``) rather than through
-    ``log_map0``'s eps floor, so points very near the root report their true (tiny) distance.
-  """
-  dt = lorentz.compute_dtype(x_nd)
-  x = jnp.asarray(x_nd, dt)
-  c = jnp.asarray(curv, dt)
-  return jnp.arcsinh(jnp.sqrt(c) * jnp.linalg.norm(x, axis=-1)) / jnp.sqrt(c)
 
 
 def traversal_tau(bound, curv, alpha_t: float = ALPHA_T, kappa=None) -> jax.Array:
