@@ -9,7 +9,8 @@ Measured per batch size B:
   * prefill: one forward over a B x P prompt writing the KV cache (JAX: jitted prefill; torch: ``model(ids)``);
   * generate: B x N greedy tokens end to end (JAX: one compiled prefill + ``while_loop``; torch: ``generate``
     eager with its dynamic cache, optionally also static cache + ``torch.compile``);
-  * decode tok/s = B * (N - 1) / (generate time - prefill time), aggregated over the batch.
+  * decode tok/s = B * (N - 1) / (generate(N) time - generate(1) time), aggregated over the batch: both runs
+    share the prefill and the fixed overheads, so the difference is the N - 1 decode steps alone.
 Batch-1 decode also reports achieved bytes/s = (weights + KV cache read per token) * tok/s, and the fraction of
 the device's peak HBM bandwidth on GPUs (perf.md §2).
 
@@ -116,10 +117,11 @@ def main(argv: list[str]) -> None:
     mask = np.ones((b, p_len), np.int32)
     j_ids, j_mask = jnp.asarray(ids), jnp.asarray(mask)
     t_pre = perf.time_fn(lambda: prefill(state, j_ids, j_mask), windows=args.windows, steps=args.steps)
-    gen = lambda: decoding.generate(model, input_ids=j_ids, attention_mask=j_mask, max_new_tokens=n_new,
-                                    eos_token_id=()).tokens
-    t_gen = perf.time_fn(gen, windows=args.windows, steps=args.steps)
-    results = {"jax": (t_pre, t_gen)}
+    gen = lambda n: (lambda: decoding.generate(model, input_ids=j_ids, attention_mask=j_mask, max_new_tokens=n,
+                                               eos_token_id=()).tokens)
+    t_gen = perf.time_fn(gen(n_new), windows=args.windows, steps=args.steps)
+    t_one = perf.time_fn(gen(1), windows=args.windows, steps=args.steps)
+    results = {"jax": (t_pre, t_gen, t_one)}
     if hf is not None:
       import torch
       sync = perf.torch_sync(torch_device)
@@ -130,22 +132,23 @@ def main(argv: list[str]) -> None:
         with torch.no_grad():
           return hf(t_ids, attention_mask=t_mask, use_cache=True, logits_to_keep=1).logits
 
-      def t_generate(**kw):
-        with torch.no_grad():
-          return hf.generate(t_ids, attention_mask=t_mask, max_new_tokens=n_new, min_new_tokens=n_new,
-                             do_sample=False, pad_token_id=0, **kw)
+      def t_generate(n, **kw):
+        def run():
+          with torch.no_grad():
+            return hf.generate(t_ids, attention_mask=t_mask, max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0, **kw)
+        return perf.time_fn(run, windows=args.windows, steps=args.steps, sync=sync)
 
       tp = perf.time_fn(t_prefill, windows=args.windows, steps=args.steps, sync=sync)
-      results["torch eager"] = (tp, perf.time_fn(t_generate, windows=args.windows, steps=args.steps, sync=sync))
+      results["torch eager"] = (tp, t_generate(n_new), t_generate(1))
       if args.torch_compile:
         hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-        tg = perf.time_fn(lambda: t_generate(cache_implementation="static"), windows=args.windows,
-                          steps=args.steps, sync=sync)
-        results["torch static+compile"] = (tp, tg)
+        results["torch static+compile"] = (tp, t_generate(n_new, cache_implementation="static"),
+                                           t_generate(1, cache_implementation="static"))
         hf.forward = type(hf).forward.__get__(hf)
-    for side, (tp, tg) in results.items():
-      decode_s = max(tg.median - tp.median, 1e-9)
-      tok_s = b * (n_new - 1) / decode_s
+    for side, (tp, tg, t1) in results.items():
+      decode_s = tg.median - t1.median
+      tok_s = b * (n_new - 1) / decode_s if decode_s > 0 else float("nan")   # nan: noise swamped the decode
       row = [side, b, p_len, n_new, tp.median * 1e3, b * p_len / tp.median, tg.median, tok_s]
       bw = None
       if b == 1:
@@ -158,11 +161,12 @@ def main(argv: list[str]) -> None:
       records.append({"workload": "W6/W7 llama decoder", "side": side, "preset": args.preset, "dtype": args.dtype,
                       "batch": b, "prompt_len": p_len, "new_tokens": n_new, "prefill_s": tp.median,
                       "prefill_windows": tp.window_s, "generate_s": tg.median, "generate_windows": tg.window_s,
+                      "generate1_s": t1.median, "generate1_windows": t1.window_s,
                       "compile_s": tg.compile_s, "decode_tok_s": tok_s, "decode_bytes_s": bw,
                       "weights": "random", **env})
     if "torch eager" in results:
-      ratio = (results["torch eager"][1].median - results["torch eager"][0].median) / max(
-          t_gen.median - t_pre.median, 1e-9)
+      _, tg_t, t1_t = results["torch eager"]
+      ratio = (tg_t.median - t1_t.median) / (t_gen.median - t_one.median)
       rows.append(["ratio decode (JAX / torch eager)", b, "", "", "", "", "", f"{ratio:.2f}x", ""])
       rows.append(["ratio prefill (JAX / torch eager)", b, "", "", "", "", "",
                    f"{results['torch eager'][0].median / t_pre.median:.2f}x", ""])
