@@ -11,12 +11,12 @@ from pathlib import Path
 
 from vlsafe_jax import config as config_lib
 
-# Until the HySAC pipeline on the synthetic benchmark lands (configs/hysac_synthetic.py), the default job is the
-# clearly labelled geometry/loss demo.
-DEFAULT_CONFIG = "lorentz_demo"
+# The project's main job: HySAC end to end on the embedded synthetic benchmark (configs/hysac_synthetic.py).
+DEFAULT_CONFIG = "hysac_synthetic"
 
 TRAINERS = {
     "lorentz_demo": "vlsafe_jax.train.lorentz_demo:run",
+    "hysac": "vlsafe_jax.train.hysac_trainer:run",
 }
 
 

@@ -116,7 +116,7 @@ def train_clip(cfg: ml_collections.ConfigDict, workdir: Path, writer: common.Met
 
   # ------------------------------------------------------------------------------------------------ export
   from checkpoints_convert import clip as convert
-  model = nnx.merge(graphdef, jax.device_get(state["params"]))
+  model = nnx.merge(graphdef, state["params"])
   if jax.process_index() == 0:
     convert.save_converted(model, out_dir)
     done_file.write_text(json.dumps({"steps": int(jax.device_get(state["step"]))}))
