@@ -44,6 +44,8 @@ def _parse(argv):
   p.add_argument("--steps", type=int, default=None, help="calls per window (default: per batch, see above)")
   p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
   p.add_argument("--no-torch", action="store_true", help="time the JAX side only")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="torch.set_num_threads (default: torch's own; 1 resists CPU oversubscription on shared hosts)")
   p.add_argument("--out", default="runs/bench/results.jsonl", help="JSON-lines file to append ('' = none)")
   return p.parse_args(argv)
 
@@ -110,7 +112,6 @@ def _inputs(b, d, seed=0):
 def main(argv: list[str]) -> None:
   args = _parse(argv)
   batches = [int(b) for b in args.batches.split(",")]
-  env = perf.environment()
   cfg = H.HySACLossConfig(negatives="global")
   log_c0, log_s0 = 0.3, math.log(1 / 0.07)
 
@@ -123,6 +124,8 @@ def main(argv: list[str]) -> None:
   if not args.no_torch:
     import torch  # bench-time only
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
     t_loss = _torch_loss_fn()
 
     def t_step_eager(tensors):
@@ -165,6 +168,7 @@ def main(argv: list[str]) -> None:
     print(f"parity (B=64, D={args.dim}, float32): loss rel err {loss_err:.2e}, max term abs err {term_err:.2e}, "
           f"max grad rel err {grad_err:.2e} -> {'OK' if ok else 'MISMATCH'}", flush=True)
 
+  env = perf.environment()  # after set_num_threads so the record shows the thread count used
   rows = []
   for b in batches:
     windows, steps = _AUTO_TIMING.get(b, _AUTO_TIMING_LARGE)
