@@ -183,3 +183,19 @@ def test_evaluate_writes_run_directory(tmp_path):
     assert row in table
   cat = H.category_table({"CLIP (stage 1)": clip, "HySAC": res})
   assert cat.splitlines()[0].split("|")[2].strip() == "hate"
+
+
+def test_evaluate_cli_names_what_is_missing(tmp_path):
+  from vlsafe_jax import evaluate as cli
+  with pytest.raises(SystemExit, match="no config.json"):
+    cli.main(["--workdir", str(tmp_path)])
+  (tmp_path / "config.json").write_text(json.dumps({"trainer": "hysac", "base_path": "", "ablations": ["wo_ent"],
+                                                    "eval": {"variant": "code"}}))
+  with pytest.raises(SystemExit, match="clip_base is missing"):
+    cli.main(["--workdir", str(tmp_path), "eval.stat=avg"])
+  with pytest.raises(KeyError, match="unknown config key 'eval.varient'"):
+    cli.main(["--workdir", str(tmp_path), "eval.varient=paper"])
+  (tmp_path / "clip_base").mkdir()
+  (tmp_path / "clip_base" / "config.json").write_text("{}")
+  with pytest.raises(SystemExit, match=r"trained HySAC state missing in .*hysac/hysac.*hysac/wo_ent"):
+    cli.main(["--workdir", str(tmp_path), "--bounds-only"])

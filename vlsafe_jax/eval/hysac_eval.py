@@ -441,7 +441,7 @@ def evaluate(embeddings: Mapping[str, Any], curv: float, train_embeddings_for_bo
       "root_distance": root_distance_summary(dists), "nsfw": nsfw_eval(dists, cfg),
   }
   models = {**(baselines or {}), cfg.model_name: result}
-  result["table_md"] = results_table(models, synthetic=cfg.synthetic)
+  result["table_md"] = results_tables(models, synthetic=cfg.synthetic)
   if out_dir is not None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -497,6 +497,16 @@ def results_table(models: Mapping[str, Mapping], *, tasks: Sequence[str] = SAFE_
   return table
 
 
+def results_tables(models: Mapping[str, Mapping], *, synthetic: bool = False) -> str:
+  """The paper's two retrieval tables: safe-content retrieval (Table 1) and unsafe-content retrieval (Table 2)."""
+  t1 = results_table(models, tasks=SAFE_TASKS)
+  t2 = results_table(models, tasks=UNSAFE_TASKS)
+  head = ("**Synthetic benchmark** (procedural safe/unsafe quadruplets; not comparable with the paper's ViSU "
+          "numbers)\n\n" if synthetic else "")
+  return (f"{head}Safe-content retrieval (paper Table 1; R@1 / R@10 / R@20, %)\n\n{t1}\n\n"
+          f"Unsafe-content retrieval (paper Table 2)\n\n{t2}")
+
+
 def category_table(models: Mapping[str, Mapping], task: str = "T*->I u I*", which: str = "traversal") -> str:
   """Per-category R@1 (Table 8 style) for one task: rows = models, columns = categories."""
   from vlsafe_jax.perf import format_table
@@ -517,5 +527,5 @@ __all__ = [
     "SETS", "BOUND_KEYS", "BOUND_STATS", "Task", "TASKS", "SAFE_TASKS", "UNSAFE_TASKS", "REDIRECT_TASKS",
     "EvalConfig", "check_embeddings", "bounds", "save_bounds", "load_bounds", "per_category_top1",
     "retrieval_tasks", "root_distances", "root_distance_summary", "nsfw_eval", "evaluate_euclidean", "evaluate",
-    "results_table", "category_table",
+    "results_table", "results_tables", "category_table",
 ]
