@@ -21,12 +21,10 @@ reference's S/U/V/G keys). torch is imported only inside :func:`read_pth`.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
