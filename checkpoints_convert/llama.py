@@ -46,6 +46,15 @@ LLAMA_IGNORE = (r"rotary_emb\.inv_freq$",)
 LLAMA_KEYMAP = KeyMap(LLAMA_RULES, _PLACEHOLDERS, LLAMA_IGNORE)
 
 _STACKED = re.compile(r"^model\.layers\.(?!\d)")           # stacked paths: "model.layers.<sub>" (no index)
+
+
+def _stacked_re(stacked_prefix: str) -> re.Pattern:
+  """Stacked-layer paths under ``stacked_prefix`` (LLaVA: ``language_model.model.layers.``), no layer index."""
+  if stacked_prefix == "model.layers.":
+    return _STACKED
+  return re.compile("^" + re.escape(stacked_prefix) + r"(?!\d)")
+
+
 _VIRTUAL = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -63,17 +72,19 @@ class _Prefixed:
     return self.source.get(self.prefix + key)
 
 
-def virtual_targets(abstract_state: nnx.State, num_layers: int) -> dict[str, tuple[int, ...]]:
+def virtual_targets(abstract_state: nnx.State, num_layers: int,
+                    stacked_prefix: str = "model.layers.") -> dict[str, tuple[int, ...]]:
   """{per-layer or plain nnx path: shape}: stacked (L, ...) paths expanded to L per-layer entries."""
   out = {}
+  stacked = _stacked_re(stacked_prefix)
   for path, (_, var) in flat_abstract(abstract_state).items():
     shape = tuple(var.get_value().shape)
-    if _STACKED.match(path):
+    if stacked.match(path):
       if shape[0] != num_layers:
         raise ValueError(f"stacked parameter {path} has leading axis {shape[0]}, expected {num_layers} layers")
-      sub = path[len("model.layers."):]
+      sub = path[len(stacked_prefix):]
       for i in range(num_layers):
-        out[f"model.layers.{i}.{sub}"] = shape[1:]
+        out[f"{stacked_prefix}{i}.{sub}"] = shape[1:]
     else:
       out[path] = shape
   return out
@@ -81,11 +92,14 @@ def virtual_targets(abstract_state: nnx.State, num_layers: int) -> dict[str, tup
 
 def load_llama_state(source, abstract_state: nnx.State, num_layers: int, *, source_name: str,
                      param_dtype: Any = None, shardings: nnx.State | None = None, keymap: KeyMap = LLAMA_KEYMAP,
-                     progress=None) -> nnx.State:
+                     progress=None, stacked_prefix: str = "model.layers.") -> nnx.State:
   """Fills an abstract ``Llama`` state from a tensor source (see safetensors_io); one ConversionError lists
-  every mismatch before any tensor is read."""
+  every mismatch before any tensor is read. ``stacked_prefix`` locates the stacked layers (LLaVA nests the
+  decoder: ``language_model.model.layers.``); the keymap must then target the same per-layer paths."""
   flat = flat_abstract(abstract_state)
-  plan = plan_import(keymap, source.shapes(), virtual_targets(abstract_state, num_layers), source_name)
+  stacked = _stacked_re(stacked_prefix)
+  plan = plan_import(keymap, source.shapes(), virtual_targets(abstract_state, num_layers, stacked_prefix),
+                     source_name)
   by_path = {path: (key, tf) for key, path, tf in plan}
   flat_sh = flat_abstract(shardings) if shardings is not None else {}
 
@@ -96,11 +110,11 @@ def load_llama_state(source, abstract_state: nnx.State, num_layers: int, *, sour
 
   filled = []
   for path, (ptuple, var) in flat.items():
-    if _STACKED.match(path):
-      sub = path[len("model.layers."):]
+    if stacked.match(path):
+      sub = path[len(stacked_prefix):]
       rows = []
       for i in range(num_layers):
-        key, tf = by_path[f"model.layers.{i}.{sub}"]
+        key, tf = by_path[f"{stacked_prefix}{i}.{sub}"]
         rows.append(cast(np.ascontiguousarray(tf.forward(source.get(key)))))
         if progress:
           progress(key)
@@ -121,15 +135,17 @@ def load_llama_state(source, abstract_state: nnx.State, num_layers: int, *, sour
   return nnx.from_flat_state(filled)
 
 
-def export_llama_tensors(state: nnx.State, dtype: Any = None, keymap: KeyMap = LLAMA_KEYMAP):
+def export_llama_tensors(state: nnx.State, dtype: Any = None, keymap: KeyMap = LLAMA_KEYMAP,
+                         stacked_prefix: str = "model.layers."):
   """Yields (HF key, numpy array in HF layout) for every parameter; stacked layers are split per layer."""
+  stacked = _stacked_re(stacked_prefix)
   for path, (_, var) in flat_abstract(state).items():
     arr = np.asarray(jax.device_get(var.get_value()))
     if dtype is not None and _is_float(arr.dtype):
       arr = arr.astype(dtype)
-    if _STACKED.match(path):
-      sub = path[len("model.layers."):]
-      items = [(f"model.layers.{i}.{sub}", arr[i]) for i in range(arr.shape[0])]
+    if stacked.match(path):
+      sub = path[len(stacked_prefix):]
+      items = [(f"{stacked_prefix}{i}.{sub}", arr[i]) for i in range(arr.shape[0])]
     else:
       items = [(path, arr)]
     for p, a in items:

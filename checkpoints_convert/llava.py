@@ -1,0 +1,307 @@
+"""HF LLaVA (``LlavaForConditionalGeneration``) <-> vlsafe_jax ``Llava``: key table, loading, export.
+
+Accepted inputs (platform.md §4.3, §4.5): ``model.safetensors``, sharded safetensors + index, or (with torch)
+``pytorch_model.bin``; both vision-tower namings (hub ``vision_tower.vision_model.*``, transformers-5
+``vision_tower.*``) and the text/projector variants (``language_model.model.*``, ``model.language_model.*``,
+``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``lm_head`` / ``language_model.lm_head``). Every key
+is first normalised to one canonical name (the transformers-5 file layout), then matched by one declarative table;
+all problems (missing, unexpected, mis-shaped, ambiguous, duplicate - e.g. a file holding both namings) come back
+in ONE ``ConversionError`` before a byte is read.
+
+Loading streams tensor by tensor (decoder layers are stacked one parameter at a time, see
+:mod:`checkpoints_convert.llama`); with a mesh every tensor is ``device_put`` with its NamedSharding as soon as it
+is read, so a 7B/13B checkpoint never sits whole on one device. fp16/bf16 are kept unless ``param_dtype`` casts.
+
+A *converted directory* holds ``config.json`` (HF LLaVA config), ``vlsafe_jax.json`` (marker) and
+``flax_model.safetensors`` (nnx paths, Flax layout, stacked decoder layers).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from checkpoints_convert.llama import export_llama_tensors, load_llama_state
+from checkpoints_convert.mapping import ConversionError, KeyMap, Rule, Transform, export_tensors, load_state
+from checkpoints_convert.safetensors_io import (CheckpointFormatError, SafetensorsFile, open_hf_weights,
+                                                save_safetensors)
+
+MARKER = "vlsafe_jax.json"
+FORMAT = "vlsafe_jax.llava"
+FLAX_WEIGHTS = "flax_model.safetensors"
+STACKED_PREFIX = "language_model.model.layers."
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+              "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+              "processor_config.json", "generation_config.json")
+
+# Original key prefix -> canonical prefix; the first matching pattern wins.
+_NORMALISE = (
+    (re.compile(r"^(?:model\.)?vision_tower\.(?:vision_model\.)?"), "vision_tower."),
+    (re.compile(r"^(?:model\.)?multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^(?:language_model\.model\.|model\.language_model\.(?:model\.)?)"), "language_model.model."),
+    (re.compile(r"^(?:language_model\.)?lm_head\."), "language_model.lm_head."),
+)
+
+_PLACEHOLDERS = {
+    "i": r"\d+",
+    "lin": r"self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj",
+    "ln": r"input_layernorm|post_attention_layernorm",
+    "vlin": r"self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12]",
+    "vln": r"layer_norm[12]",
+    "vnorm": r"pre_layrnorm|post_layernorm",
+    "plin": r"linear_[12]",
+}
+
+LLAVA_RULES = (
+    # decoder (per-layer virtual paths; the loader stacks them)
+    Rule("language_model.model.embed_tokens.weight", "language_model.model.embed_tokens.embedding"),
+    Rule("language_model.model.layers.{i}.{lin}.weight", "language_model.model.layers.{i}.{lin}.kernel",
+         Transform.LINEAR),
+    Rule("language_model.model.layers.{i}.{ln}.weight", "language_model.model.layers.{i}.{ln}.scale"),
+    Rule("language_model.model.norm.weight", "language_model.model.norm.scale"),
+    Rule("language_model.lm_head.weight", "language_model.lm_head.kernel", Transform.LINEAR),
+    # projector
+    Rule("multi_modal_projector.{plin}.weight", "multi_modal_projector.{plin}.kernel", Transform.LINEAR),
+    Rule("multi_modal_projector.{plin}.bias", "multi_modal_projector.{plin}.bias"),
+    # CLIP vision tower (platform.md §4.2 vision keys, tower prefix "vision_tower")
+    Rule("vision_tower.encoder.layers.{i}.{vlin}.weight", "vision_tower.encoder.layers.{i}.{vlin}.kernel",
+         Transform.LINEAR),
+    Rule("vision_tower.encoder.layers.{i}.{vlin}.bias", "vision_tower.encoder.layers.{i}.{vlin}.bias"),
+    Rule("vision_tower.encoder.layers.{i}.{vln}.weight", "vision_tower.encoder.layers.{i}.{vln}.scale"),
+    Rule("vision_tower.encoder.layers.{i}.{vln}.bias", "vision_tower.encoder.layers.{i}.{vln}.bias"),
+    Rule("vision_tower.{vnorm}.weight", "vision_tower.{vnorm}.scale"),
+    Rule("vision_tower.{vnorm}.bias", "vision_tower.{vnorm}.bias"),
+    Rule("vision_tower.embeddings.class_embedding", "vision_tower.embeddings.class_embedding"),
+    Rule("vision_tower.embeddings.patch_embedding.weight", "vision_tower.embeddings.patch_embedding.kernel",
+         Transform.CONV2D),
+    Rule("vision_tower.embeddings.position_embedding.weight",
+         "vision_tower.embeddings.position_embedding.embedding"),
+)
+# Non-persistent buffers (position ids, rotary inv_freq) that older files contain.
+LLAVA_IGNORE = (r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$")
+LLAVA_KEYMAP = KeyMap(LLAVA_RULES, _PLACEHOLDERS, LLAVA_IGNORE)
+# Tied decoders have no lm_head parameter; a stored copy of the tied matrix is then ignored.
+_TIED_KEYMAP = KeyMap(LLAVA_RULES, _PLACEHOLDERS, LLAVA_IGNORE + (r"^language_model\.lm_head\.weight$",))
+IDENTITY_KEYMAP = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
+
+
+def canonical_key(key: str) -> str:
+  """The transformers-5 file name of an HF LLaVA key in any accepted naming (unknown keys unchanged)."""
+  for rx, repl in _NORMALISE:
+    m = rx.match(key)
+    if m:
+      return repl + key[m.end():]
+  return key
+
+
+class NormalisedSource:
+  """A tensor source seen through :func:`canonical_key`; keys that collide are reported as duplicates."""
+
+  def __init__(self, source):
+    self.source = source
+    self._orig: dict[str, str] = {}
+    self.duplicate: list[tuple[str, list[str]]] = []
+    groups: dict[str, list[str]] = {}
+    for k in source.shapes():
+      groups.setdefault(canonical_key(k), []).append(k)
+    for canon, keys in groups.items():
+      self._orig[canon] = keys[0]
+      if len(keys) > 1:
+        self.duplicate.append((canon, keys))
+
+  def shapes(self):
+    full = self.source.shapes()
+    return {c: full[k] for c, k in self._orig.items()}
+
+  def get(self, key):
+    return self.source.get(self._orig[key])
+
+
+def read_config(directory: str | os.PathLike):
+  """``LlavaConfig`` from ``directory/config.json``."""
+  from vlsafe_jax.models.llava import LlavaConfig
+  cfg_path = Path(directory) / "config.json"
+  if not cfg_path.exists():
+    raise CheckpointFormatError(f"{directory}: no config.json (needed to build the LLaVA architecture)")
+  try:
+    return LlavaConfig.from_hf(json.loads(cfg_path.read_text()))
+  except (json.JSONDecodeError, TypeError, ValueError) as e:
+    raise CheckpointFormatError(f"{cfg_path}: {e}") from e
+
+
+def is_converted(directory: str | os.PathLike) -> bool:
+  marker = Path(directory) / MARKER
+  return marker.exists() and json.loads(marker.read_text()).get("format") == FORMAT
+
+
+def abstract_llava(config, *, dtype=jnp.float32, param_dtype=jnp.float32):
+  """(graphdef, abstract state) of a ``Llava`` without allocating parameters."""
+  from vlsafe_jax.models.llava import Llava
+  model = nnx.eval_shape(lambda: Llava(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def load_llava_state(source, abstract_state: nnx.State, config, *, source_name: str, param_dtype: Any = None,
+                     shardings: nnx.State | None = None, progress=None) -> nnx.State:
+  """Fills an abstract ``Llava`` state from an HF tensor source (any accepted naming); one ConversionError."""
+  norm = NormalisedSource(source)
+  keymap = _TIED_KEYMAP if config.text_config.tie_word_embeddings else LLAVA_KEYMAP
+  try:
+    state = load_llama_state(norm, abstract_state, config.text_config.num_hidden_layers, source_name=source_name,
+                             param_dtype=param_dtype, shardings=shardings, keymap=keymap, progress=progress,
+                             stacked_prefix=STACKED_PREFIX)
+  except ConversionError as e:
+    if not norm.duplicate:
+      raise
+    raise ConversionError(source_name, e.missing, e.unexpected, e.misshaped, e.ambiguous,
+                          e.duplicate + norm.duplicate) from None
+  if norm.duplicate:
+    raise ConversionError(source_name, duplicate=norm.duplicate)
+  return state
+
+
+def load_llava(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
+               config=None, progress=None):
+  """Builds a ``vlsafe_jax.models.llava.Llava`` from an HF LLaVA directory or a converted directory.
+
+  Args:
+    dtype: compute dtype. param_dtype: cast floating parameters (None keeps the file's dtype).
+    mesh: place every tensor with the logical sharding table as soon as it is read.
+    config: a ``LlavaConfig`` overriding config.json.
+  Raises:
+    CheckpointFormatError (missing/corrupt files) or ConversionError (one message listing every bad tensor).
+  """
+  d = Path(path)
+  config = config or read_config(d)
+  graphdef, abs_state = abstract_llava(config, dtype=dtype,
+                                       param_dtype=param_dtype if param_dtype is not None else jnp.float32)
+  shardings = None
+  if mesh is not None:
+    from vlsafe_jax import sharding
+    shardings = sharding.state_shardings(abs_state, mesh)
+  if is_converted(d):
+    meta = json.loads((d / MARKER).read_text())
+    wpath = d / meta.get("weights", FLAX_WEIGHTS)
+    if not wpath.exists():
+      raise CheckpointFormatError(f"{d}: converted directory lacks its weights file {wpath.name}")
+    state = load_state(IDENTITY_KEYMAP, SafetensorsFile(wpath), abs_state, source_name=str(d),
+                       param_dtype=param_dtype, shardings=shardings, progress=progress)
+  else:
+    state = load_llava_state(open_hf_weights(d), abs_state, config, source_name=str(d), param_dtype=param_dtype,
+                             shardings=shardings, progress=progress)
+  return nnx.merge(graphdef, state)
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+  for name in SIDE_FILES:
+    if (src / name).exists() and src.resolve() != dst.resolve():
+      shutil.copy2(src / name, dst / name)
+
+
+def save_converted(model, dst: str | os.PathLike, *, src: str | os.PathLike | None = None) -> Path:
+  """Writes ``model`` as a converted directory (config.json, marker, flax_model.safetensors)."""
+  dst = Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  save_safetensors(dst / FLAX_WEIGHTS, export_tensors(IDENTITY_KEYMAP, nnx.state(model, nnx.Param)),
+                   metadata={"format": FORMAT})
+  (dst / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+  (dst / MARKER).write_text(json.dumps({"format": FORMAT, "version": 1, "weights": FLAX_WEIGHTS,
+                                        "layout": "nnx (kernel [in, out], conv HWIO, stacked decoder layers)"},
+                                       indent=2))
+  if src is not None:
+    _copy_side_files(Path(src), dst)
+  return dst
+
+
+def export_hf_tensors(state: nnx.State, *, dtype: Any = None, vision_naming: str = "v5"
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF key, array in HF layout) for every parameter, one at a time.
+
+  ``vision_naming``: ``"v5"`` writes ``vision_tower.*`` (transformers-5 save_pretrained), ``"hub"`` writes
+  ``vision_tower.vision_model.*`` (llava-hf hub files); both load into transformers 5.
+  """
+  if vision_naming not in ("v5", "hub"):
+    raise ValueError(f"vision_naming must be 'v5' or 'hub', got {vision_naming!r}")
+  for key, arr in export_llama_tensors(state, dtype, keymap=LLAVA_KEYMAP, stacked_prefix=STACKED_PREFIX):
+    if vision_naming == "hub" and key.startswith("vision_tower."):
+      key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    yield key, arr
+
+
+def _save_sharded(dst: Path, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:
+  """model.safetensors, or model-0000k-of-0000n.safetensors + index when larger than ``max_shard_bytes``;
+  at most one shard of arrays is held in host RAM."""
+  shards, cur, size = [], [], 0
+  tmp_names = []
+  for key, arr in tensors:
+    if cur and size + arr.nbytes > max_shard_bytes:
+      shards.append(cur)
+      cur, size = [], 0
+      tmp_names.append(dst / f"_shard{len(shards)}.tmp.safetensors")
+      save_safetensors(tmp_names[-1], shards[-1], metadata={"format": "pt"})
+      shards[-1] = [k for k, _ in shards[-1]]
+    cur.append((key, arr))
+    size += arr.nbytes
+  if not shards:
+    save_safetensors(dst / "model.safetensors", cur, metadata={"format": "pt"})
+    return
+  shards.append(cur)
+  tmp_names.append(dst / f"_shard{len(shards)}.tmp.safetensors")
+  save_safetensors(tmp_names[-1], cur, metadata={"format": "pt"})
+  shards[-1] = [k for k, _ in cur]
+  n = len(shards)
+  weight_map = {}
+  for i, (keys, tmp) in enumerate(zip(shards, tmp_names), start=1):
+    name = f"model-{i:05d}-of-{n:05d}.safetensors"
+    os.replace(tmp, dst / name)
+    weight_map.update({k: name for k in keys})
+  (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                               indent=2))
+
+
+def export_hf(model, dst: str | os.PathLike, *, dtype: Any = None, vision_naming: str = "v5",
+              src: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 2 ** 30) -> Path:
+  """Writes an HF LLaVA directory (config.json + safetensors, sharded above ``max_shard_bytes``) that
+  ``transformers.LlavaForConditionalGeneration`` loads; float32 / as-stored exports round-trip bit-exact."""
+  dst = Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  _save_sharded(dst, export_hf_tensors(nnx.state(model, nnx.Param), dtype=dtype, vision_naming=vision_naming),
+                max_shard_bytes)
+  cfg = model.config.to_hf_dict()
+  dts = {np.dtype(v.get_value().dtype).name if dtype is None else np.dtype(dtype).name
+         for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  if len(dts) == 1:
+    cfg["dtype"] = dts.pop()
+  (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+  if src is not None:
+    _copy_side_files(Path(src), dst)
+  return dst
+
+
+def _dtype(name: str | None):
+  if name is None:
+    return None
+  return jnp.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def convert_cli(src: str, dst: str, param_dtype: str | None = None) -> Path:
+  """``python -m checkpoints_convert llava``: HF directory -> converted directory."""
+  return save_converted(load_llava(src, param_dtype=_dtype(param_dtype)), dst, src=src)
+
+
+def export_cli(src: str, dst: str, dtype: str | None = None, vision_naming: str = "v5") -> Path:
+  """``python -m checkpoints_convert llava-export``: converted (or HF) directory -> HF directory."""
+  return export_hf(load_llava(src), dst, dtype=_dtype(dtype), vision_naming=vision_naming, src=src)
+
+
+__all__ = ["LLAVA_RULES", "LLAVA_KEYMAP", "canonical_key", "NormalisedSource", "load_llava", "load_llava_state",
+           "save_converted", "export_hf", "export_hf_tensors", "is_converted", "abstract_llava", "read_config",
+           "convert_cli", "export_cli"]
