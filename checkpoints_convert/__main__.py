@@ -2,10 +2,13 @@
 
   clip    --src HF_DIR --dst OUT_DIR [--param-dtype float32|bfloat16|float16]
   export  --src OUT_DIR --dst HF_DIR [--dtype ...]     converted (or HF) CLIP dir -> HF CLIPModel dir
+  llava   --src HF_DIR --dst OUT_DIR [--param-dtype ...]    HF LLaVA (either vision naming) -> converted dir
+  llava-export --src DIR --dst HF_DIR [--dtype ...] [--vision-naming v5|hub]   converted/HF LLaVA -> HF layout
+  llama   --src HF_DIR --dst OUT_DIR [--param-dtype ...]    HF Llama/Mistral causal LM -> converted dir
   hysac   --src hysac_model.pth [--bounds hysac_bounds.json] --base HF_CLIP_DIR --dst OUT_DIR
           released HySAC weights -> HySAC trainable-state dir (methods/hysac/model.py load_hysac)
 
-New model families add a ``_cmd_<name>(args)`` and a sub-parser in ``_parser()`` (llava, hysac later).
+New model families add a ``_cmd_<name>(args)`` and a sub-parser in ``_parser()``.
 """
 from __future__ import annotations
 
@@ -43,6 +46,33 @@ def _cmd_hysac(args) -> None:
   print(f"imported {args.src} -> {out} (base CLIP {args.base}) in {time.perf_counter() - t0:.1f} s")
 
 
+def _cmd_llava(args) -> None:
+  from checkpoints_convert import llava
+  t0 = time.perf_counter()
+  out = llava.convert_cli(args.src, args.dst, args.param_dtype)
+  print(f"converted {args.src} -> {out} in {time.perf_counter() - t0:.1f} s")
+
+
+def _cmd_llava_export(args) -> None:
+  from checkpoints_convert import llava
+  t0 = time.perf_counter()
+  out = llava.export_cli(args.src, args.dst, args.dtype, args.vision_naming)
+  print(f"exported {args.src} -> {out} (HF LLaVA layout, {args.vision_naming} vision naming) in "
+        f"{time.perf_counter() - t0:.1f} s")
+
+
+def _cmd_llama(args) -> None:
+  from checkpoints_convert import llama
+  t0 = time.perf_counter()
+  dt = None if args.param_dtype is None else args.param_dtype
+  if dt == "bfloat16":
+    import jax.numpy as jnp
+    dt = jnp.bfloat16
+  model = llama.load_llama(args.src, param_dtype=dt)
+  out = llama.save_converted(model, args.dst, src=args.src)
+  print(f"converted {args.src} -> {out} in {time.perf_counter() - t0:.1f} s")
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m checkpoints_convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +87,23 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--dst", required=True)
   e.add_argument("--dtype", choices=_DTYPES, default=None, help="default: as stored")
   e.set_defaults(fn=_cmd_export)
+  lv = sub.add_parser("llava", help="HF LLaVA directory -> vlsafe_jax converted directory")
+  lv.add_argument("--src", required=True, help="HF directory: config.json + model.safetensors / shards + index")
+  lv.add_argument("--dst", required=True)
+  lv.add_argument("--param-dtype", choices=_DTYPES, default=None, help="default: keep the checkpoint dtype")
+  lv.set_defaults(fn=_cmd_llava)
+  le = sub.add_parser("llava-export", help="vlsafe_jax (or HF) LLaVA directory -> HF LLaVA directory")
+  le.add_argument("--src", required=True)
+  le.add_argument("--dst", required=True)
+  le.add_argument("--dtype", choices=_DTYPES, default=None, help="default: as stored")
+  le.add_argument("--vision-naming", choices=("v5", "hub"), default="v5",
+                  help="v5: vision_tower.* (transformers 5); hub: vision_tower.vision_model.* (llava-hf)")
+  le.set_defaults(fn=_cmd_llava_export)
+  lm = sub.add_parser("llama", help="HF Llama/Mistral causal-LM directory -> vlsafe_jax converted directory")
+  lm.add_argument("--src", required=True)
+  lm.add_argument("--dst", required=True)
+  lm.add_argument("--param-dtype", choices=_DTYPES, default=None, help="default: keep the checkpoint dtype")
+  lm.set_defaults(fn=_cmd_llama)
   h = sub.add_parser("hysac", help="released HySAC hysac_model.pth -> HySAC trainable-state directory")
   h.add_argument("--src", required=True, help="hysac_model.pth (torch state dict; loaded with weights_only=True)")
   h.add_argument("--base", required=True, help="the HF CLIP directory it was fine-tuned from (ViT-L/14)")

@@ -193,16 +193,50 @@ def load_llama(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype
   config = config or read_config(d)
   graphdef, abs_state = abstract_llama(config, dtype=dtype,
                                        param_dtype=param_dtype if param_dtype is not None else jnp.float32)
-  source = open_hf_weights(d)
-  if prefix:
-    source = _Prefixed(source, prefix)
   shardings = None
   if mesh is not None:
     from vlsafe_jax import sharding
     shardings = sharding.state_shardings(abs_state, mesh)
+  if is_converted(d):
+    from checkpoints_convert.mapping import load_state
+    from checkpoints_convert.safetensors_io import SafetensorsFile
+    identity = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
+    state = load_state(identity, SafetensorsFile(d / FLAX_WEIGHTS), abs_state, source_name=str(d),
+                       param_dtype=param_dtype, shardings=shardings, progress=progress)
+    return nnx.merge(graphdef, state)
+  source = open_hf_weights(d)
+  if prefix:
+    source = _Prefixed(source, prefix)
   state = load_llama_state(source, abs_state, config.num_hidden_layers, source_name=str(d),
                            param_dtype=param_dtype, shardings=shardings, progress=progress)
   return nnx.merge(graphdef, state)
+
+
+MARKER, FORMAT, FLAX_WEIGHTS = "vlsafe_jax.json", "vlsafe_jax.llama", "flax_model.safetensors"
+
+
+def is_converted(directory: str | os.PathLike) -> bool:
+  """True for a directory written by :func:`save_converted` (``python -m checkpoints_convert llama``)."""
+  marker = Path(directory) / MARKER
+  return marker.exists() and json.loads(marker.read_text()).get("format") == FORMAT
+
+
+def save_converted(model, dst: str | os.PathLike, *, src: str | os.PathLike | None = None) -> Path:
+  """Converted directory: the source config.json, a marker, ``flax_model.safetensors`` (nnx paths, stacked)."""
+  from checkpoints_convert.mapping import export_tensors
+  dst = Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  identity = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
+  save_safetensors(dst / FLAX_WEIGHTS, export_tensors(identity, nnx.state(model, nnx.Param)),
+                   metadata={"format": FORMAT})
+  if src is not None and (Path(src) / "config.json").exists() and Path(src).resolve() != dst.resolve():
+    import shutil
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "tokenizer.model", "special_tokens_map.json", "chat_template.jinja"):
+      if (Path(src) / name).exists():
+        shutil.copy2(Path(src) / name, dst / name)
+  (dst / MARKER).write_text(json.dumps({"format": FORMAT, "version": 1, "weights": FLAX_WEIGHTS}, indent=2))
+  return dst
 
 
 def export_hf(model, dst: str | os.PathLike, *, dtype: Any = None, hf_config: dict | None = None) -> Path:
@@ -217,4 +251,4 @@ def export_hf(model, dst: str | os.PathLike, *, dtype: Any = None, hf_config: di
 
 
 __all__ = ["LLAMA_RULES", "LLAMA_KEYMAP", "load_llama", "load_llama_state", "export_llama_tensors", "export_hf",
-           "read_config", "abstract_llama", "virtual_targets"]
+           "read_config", "abstract_llama", "virtual_targets", "save_converted", "is_converted"]
