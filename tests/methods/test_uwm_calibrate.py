@@ -227,3 +227,71 @@ def test_edited_model_exports_to_hf_and_reloads(hf_clip, edited, tmp_path):
   np.testing.assert_allclose(tt, jt, rtol=1e-4, atol=1e-5)
   # and the edit is visible: the original model's embeddings differ
   assert not np.allclose(np.asarray(model.encode_image(jnp.asarray(px[1]))), ji, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gradient baselines (uwm.md §8): mean |dL/dW| vs torch autograd on the HF model, hard top-k, alpha = 0.
+
+def _quad_batches(px, ids, mask, size=4):
+  def gen():
+    for i in range(0, N_PAIRS, size):
+      yield {"safe_image": px[0, i:i + size], "unsafe_image": px[1, i:i + size], "safe_ids": ids[0, i:i + size],
+             "unsafe_ids": ids[1, i:i + size], "safe_mask": mask[0, i:i + size], "unsafe_mask": mask[1, i:i + size]}
+  return gen
+
+
+def _torch_losses(tower, method, e):
+  import torch
+  cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1)  # noqa: E731
+  if method == "g_unsafe":
+    q = e["I_s"] if tower == "vision" else e["T_s"]
+    pos, neg = (e["T_s"], e["T_u"]) if tower == "vision" else (e["I_s"], e["I_u"])
+    return (-(1 - cos(q, pos)) + (1 - cos(q, neg))).mean()
+  a, b = (e["T_u"], e["I_s"]) if tower == "vision" else (e["I_u"], e["T_s"])
+  an, bn = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+  logits = float(np.exp(4.6052)) * an @ bn.T
+  lab = torch.arange(a.shape[0])
+  nce = 0.5 * (torch.nn.functional.cross_entropy(logits, lab) + torch.nn.functional.cross_entropy(logits.T, lab))
+  same = (e["I_s"], e["I_u"]) if tower == "vision" else (e["T_s"], e["T_u"])
+  return nce + (1 - cos(*same)).mean()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("method,tower", [("g_unsafe", "vision"), ("g_safe_clip", "text")])
+def test_gradient_baselines_match_torch_autograd(hf_clip, method, tower):
+  import torch
+  from vlsafe_jax.methods.uwm import baselines as bl
+  hf, _, model = hf_clip
+  px, ids, mask = _data()
+  res = bl.baseline_clip(model, {tower: _quad_batches(px, ids, mask)}, method)
+  pattern = "mlp.fc2" if tower == "vision" else "self_attn.out_proj"
+  names = [n for n, _ in hf.named_modules() if n.endswith(pattern) and n.startswith(tower)]
+  acc = {n: 0.0 for n in names}
+  nb = 0
+  for b in _quad_batches(px, ids, mask)():
+    hf.zero_grad()
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+    feats = lambda o: getattr(o, "pooler_output", o)  # noqa: E731
+    e = {"I_s": feats(hf.get_image_features(pixel_values=t(b["safe_image"].transpose(0, 3, 1, 2)))),
+         "I_u": feats(hf.get_image_features(pixel_values=t(b["unsafe_image"].transpose(0, 3, 1, 2)))),
+         "T_s": feats(hf.get_text_features(input_ids=t(b["safe_ids"]), attention_mask=t(b["safe_mask"]))),
+         "T_u": feats(hf.get_text_features(input_ids=t(b["unsafe_ids"]), attention_mask=t(b["unsafe_mask"])))}
+    _torch_losses(tower, method, e).backward()
+    for n in names:
+      acc[n] = acc[n] + hf.get_submodule(n).weight.grad.abs().numpy().astype(np.float64)
+    nb += 1
+  keep = bl.BASELINES[method].keep
+  for n in names:
+    ref = acc[n] / nb
+    np.testing.assert_allclose(np.asarray(res.scores[n]).T, ref, rtol=1e-3, atol=1e-7 * np.abs(ref).max(),
+                               err_msg=n)
+    m = np.asarray(res.masks[n])
+    assert m.sum() == round((1 - keep) * m.size)                         # hard top-k per layer
+    assert np.asarray(res.scores[n])[m].min() >= np.asarray(res.scores[n])[~m].max()
+  # alpha = 0: selected entries zeroed, everything else (incl. the input model) unchanged
+  before, after = _params(model), _params(res.model)
+  for path, new in jax.tree_util.tree_flatten_with_path(after)[0]:
+    name = ".".join(str(getattr(k, "key", k)) for k in path)[:-len(".kernel")]
+    old = dict(jax.tree_util.tree_flatten_with_path(before)[0])[path]
+    expect = np.where(np.asarray(res.masks[name]), 0.0, old) if name in res.masks else old
+    np.testing.assert_array_equal(new, expect)
