@@ -63,6 +63,9 @@ def base_clip_dir(cfg: ml_collections.ConfigDict) -> Path:
     if not (p / "config.json").exists():
       raise FileNotFoundError(f"model.path={p}: not a CLIP directory (no config.json)")
     return p
+  if cfg.data.kind != "synthetic":
+    raise ValueError(f"model.path is required for data.kind={cfg.data.kind!r} (the HF CLIP directory to edit); "
+                     f"only the synthetic benchmark has a built-in base model")
   from vlsafe_jax import config as config_lib
   from vlsafe_jax.train import clip_trainer, common
   stage1 = config_lib.load(cfg.model.stage1_config, list(cfg.model.stage1_overrides))
