@@ -50,7 +50,7 @@ def get_config(arg=None):
 
   c.hysac = ml_collections.ConfigDict()
   c.hysac.dtype = "float32"        # tower compute dtype (bf16 on accelerators); hyperbolic math is always float32
-  c.hysac.batch_size_per_device = 64 if not smoke else 16
+  c.hysac.batch_size_per_device = 64 if not smoke else 4   # smoke: 8 simulated test devices x 4
   c.hysac.epochs = 4 if not smoke else 2
   c.hysac.steps = 0                # > 0 overrides epochs
   c.hysac.lora = ml_collections.ConfigDict(dict(

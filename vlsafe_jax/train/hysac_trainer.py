@@ -52,9 +52,12 @@ CLIP_LABEL = "CLIP (stage 1, cosine)"
 
 def options_from_cfg(h: ml_collections.ConfigDict) -> hysac_model.HySACOptions:
   targets = h.lora.targets if isinstance(h.lora.targets, str) else tuple(h.lora.targets)
+  alpha_init = h.scalars.alpha_init
+  if alpha_init not in ("inv_sqrt_embed_dim", "inv_sqrt_512"):
+    alpha_init = float(alpha_init)   # the config key is a string; a number means alpha itself
   return hysac_model.HySACOptions(
       lora_rank=h.lora.rank, lora_alpha=h.lora.alpha, lora_dropout=h.lora.dropout, lora_targets=targets,
-      alpha_init=h.scalars.alpha_init, curv_init=h.scalars.curv_init, learn_curv=h.scalars.learn_curv,
+      alpha_init=alpha_init, curv_init=h.scalars.curv_init, learn_curv=h.scalars.learn_curv,
       freeze_logit_scale=h.scalars.freeze_logit_scale)
 
 

@@ -1,0 +1,258 @@
+"""HySAC training pipeline: the default job (smoke-sized), run-directory files, kill-and-resume, NaN stop, sharded
+step vs single device (global / local negatives), one trace, what trains, weight-decay mask, in-step clamps, and
+(slow) the synthetic benchmark's phenomena after the default run's settings."""
+import json
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from vlsafe_jax import checkpoint as ckpt_lib
+from vlsafe_jax import sharding
+from vlsafe_jax.methods.hysac import losses
+from vlsafe_jax.methods.hysac import model as H
+from vlsafe_jax.models import clip as C
+from vlsafe_jax.train import __main__ as train_main
+from vlsafe_jax.train import common, hysac_trainer
+
+# Timing fields differ between runs; everything else in metrics.jsonl must match exactly.
+TIMING = ("examples_per_s", "examples_per_s_per_device", "mfu")
+
+
+def _run(workdir, *overrides, config="hysac_synthetic:smoke"):
+  return train_main.main(["--config", config, "--workdir", str(workdir), "train.progress=False", *overrides])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("smoke")
+  summary = _run(workdir)
+  return workdir, summary
+
+
+def _records(path, stage=None):
+  out = []
+  for line in Path(path).read_text().splitlines():
+    r = json.loads(line)
+    if stage is None or r.get("stage") == stage:
+      out.append({k: v for k, v in r.items() if k not in TIMING})
+  return out
+
+
+def test_default_job_is_hysac_synthetic():
+  assert train_main.DEFAULT_CONFIG == "hysac_synthetic"
+  assert train_main.TRAINERS["hysac"] == "vlsafe_jax.train.hysac_trainer:run"
+  assert "lorentz_demo" in train_main.TRAINERS
+
+
+def test_smoke_run_writes_run_directory(smoke_run, capsys):
+  workdir, summary = smoke_run
+  for f in ("config.json", "metrics.jsonl", "eval.json", "bounds.json", "summary.json", "clip_base/config.json",
+            "hysac/hysac/hysac_trainable.safetensors", "hysac/wo_ent/hysac_trainable.json",
+            "hysac/wo_sent/hysac_trainable.json"):
+    assert (workdir / f).is_file(), f
+  assert list((workdir / "plots").glob("*.png"))
+  for stage in ("clip", "hysac", "hysac_wo_ent", "hysac_wo_sent"):
+    assert ckpt_lib.Checkpointer(workdir / "checkpoints" / stage).latest_step() is not None, stage
+  bounds = json.loads((workdir / "bounds.json").read_text())
+  assert set(bounds) == {"S", "U", "V", "G"} and set(bounds["S"]) == {"avg", "up_95", "low_05"}
+  recs = _records(workdir / "metrics.jsonl", "hysac")
+  need = {*losses.TERM_NAMES, "loss", "curvature", "alpha_image", "alpha_text", "logit_scale", "lr", "grad_norm"}
+  assert recs and need <= set(recs[-1])
+  raw = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert raw["examples_per_s"] > 0
+  # The base weights are referenced by path, not copied into the HySAC export.
+  meta = json.loads((workdir / "hysac/hysac/hysac_trainable.json").read_text())
+  assert Path(meta["base_path"]) == (workdir / "clip_base").resolve()
+  tensors = load_file(workdir / "hysac/hysac/hysac_trainable.safetensors")
+  assert all(k.split(".")[-1] in ("lora_a", "lora_b", "curv", "visual_alpha", "textual_alpha", "logit_scale")
+             for k in tensors)
+  assert set(summary) == {"clip", "hysac", "wo_ent", "wo_sent"}
+  # A finished run prints its results again instead of training.
+  capsys.readouterr()
+  again = _run(workdir)
+  assert again == summary
+  assert "is finished" in capsys.readouterr().out
+
+
+def test_rerun_with_different_config_is_refused(smoke_run):
+  workdir, _ = smoke_run
+  with pytest.raises(ValueError, match="different config"):
+    _run(workdir, "hysac.optim.lr=0.5")
+
+
+def _hysac_only(base, *extra):
+  return ("stages=('hysac',)", "ablations=()", f"base_path={base}", "train.checkpoint_every=2", *extra)
+
+
+def test_kill_and_resume_equals_uninterrupted(smoke_run, tmp_path):
+  base = smoke_run[0] / "clip_base"
+  _run(tmp_path / "full", *_hysac_only(base))
+  with pytest.raises(common.StopAfterSteps):
+    _run(tmp_path / "killed", *_hysac_only(base, "train.max_steps_this_run=3"))
+  # Killed after step 3; the latest checkpoint is step 2, so step 3 is redone from the restored data position.
+  assert ckpt_lib.Checkpointer(tmp_path / "killed/checkpoints/hysac").latest_step() == 2
+  _run(tmp_path / "killed", *_hysac_only(base))
+  a = load_file(tmp_path / "full/hysac/hysac/hysac_trainable.safetensors")
+  b = load_file(tmp_path / "killed/hysac/hysac/hysac_trainable.safetensors")
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert _records(tmp_path / "full/metrics.jsonl") == _records(tmp_path / "killed/metrics.jsonl")
+
+
+class _NaNAfter:
+  """Wraps a loader: batches after the first ``n`` carry NaN pixels (a corrupt input), state methods delegate."""
+
+  def __init__(self, loader, n):
+    self.loader, self.n = loader, n
+    self.steps_per_epoch = loader.steps_per_epoch
+
+  def __next__(self):
+    batch = next(self.loader)
+    if self.loader.step > self.n:
+      batch = {**batch, "safe_image": np.full_like(batch["safe_image"], np.nan)}
+    return batch
+
+  def get_state(self):
+    return self.loader.get_state()
+
+  def set_state(self, s):
+    self.loader.set_state(s)
+
+  def close(self):
+    self.loader.close()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(smoke_run, tmp_path, monkeypatch):
+  base = smoke_run[0] / "clip_base"
+  make = common.make_train_loader
+  monkeypatch.setattr(common, "make_train_loader", lambda *a, **k: _NaNAfter(make(*a, **k), 5))
+  with pytest.raises(common.NonFiniteLossError, match="non-finite loss .* step 6"):
+    _run(tmp_path, *_hysac_only(base, "hysac.steps=8"))
+  ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints/hysac")
+  assert ck.latest_step() == 4
+  meta = ck.restore(4, arrays={}, json=("meta",))["meta"]
+  assert meta["stage"] == "hysac"
+  assert not (tmp_path / "checkpoints/hysac/done.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The train step on 8 simulated devices
+
+TINY = C.CLIPConfig(
+    text_config=C.CLIPTextConfig(vocab_size=53, hidden_size=14, intermediate_size=22, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=7, projection_dim=11,
+                                 eos_token_id=52),
+    vision_config=C.CLIPVisionConfig(image_size=10, patch_size=5, hidden_size=14, intermediate_size=22,
+                                     num_hidden_layers=1, num_attention_heads=2, projection_dim=11),
+    projection_dim=11)
+OPTIM = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.2, schedule="constant",
+                                       warmup_steps=0))
+B = 16
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, 50, size=(2, B, 7))
+  ids[..., -1] = 52
+  return {"safe_image": rng.normal(size=(B, 10, 10, 3)).astype(np.float32),
+          "unsafe_image": rng.normal(size=(B, 10, 10, 3)).astype(np.float32),
+          "safe_ids": ids[0].astype(np.int32), "unsafe_ids": ids[1].astype(np.int32)}
+
+
+def _setup(mesh, negatives="global", per_device_batch=None, dropout=0.1):
+  clip = C.CLIP(TINY, rngs=nnx.Rngs(0))
+  opts = H.HySACOptions(lora_rank=3, lora_dropout=dropout)
+  lcfg = losses.HySACLossConfig(negatives=negatives, per_device_batch=per_device_batch)
+  return hysac_trainer.build_hysac(clip, options=opts, loss_cfg=lcfg, optim=OPTIM, total_steps=10, mesh=mesh)
+
+
+def _one_device_mesh():
+  return sharding.make_mesh(data=1, devices=jax.devices()[:1])
+
+
+def _step(setup, n=1):
+  state, metrics = setup.state, None
+  for i in range(n):
+    state, metrics = setup.step_fn(state, setup.frozen, sharding.shard_batch(_batch(i), setup.mesh),
+                                   jax.random.key(3))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_single_device_global_negatives():
+  assert jax.device_count() == 8
+  s8 = _setup(sharding.make_mesh(data=8))
+  s1 = _setup(_one_device_mesh())
+  (st8, m8), (st1, m1) = _step(s8, 2), _step(s1, 2)
+  # Dropout is on (0.1): the masks come from one global key, so they do not depend on the device count.
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  chex.assert_trees_all_close(st8["params"], st1["params"], rtol=1e-4, atol=1e-6)
+  # One trace/compilation for repeated steps.
+  assert s8.step_fn._cache_size() == 1
+
+
+def test_local_negatives_are_mean_of_per_shard_losses():
+  mesh = sharding.make_mesh(data=8)
+  setup = _setup(mesh, "local", per_device_batch=B // 8, dropout=0.0)
+  params0 = jax.device_get(setup.state["params"])
+  _, m = _step(setup)
+  model = hysac_trainer.eval_model(setup, params0)
+  e = model.embed_quadruplet({k: jnp.asarray(v) for k, v in _batch(0).items()})
+  c, s = model.curvature(), model.logit_scale()
+  one = losses.HySACLossConfig(negatives="global")
+  shard_totals = [losses.hysac_loss(*(x[g * 2:(g + 1) * 2] for x in e), c, s, one)[0] for g in range(8)]
+  np.testing.assert_allclose(m["loss"], np.mean(shard_totals), rtol=2e-5)
+  glob = losses.hysac_loss(*e, c, s, one)[0]
+  assert abs(float(glob) - m["loss"]) > 1e-3    # global negatives give a different loss on this batch
+
+
+def test_only_lora_and_scalars_change_and_clamp_in_step():
+  setup = _setup(_one_device_mesh())
+  frozen_before = jax.tree.map(np.asarray, jax.device_get(setup.frozen))
+  p0 = jax.tree.map(np.asarray, jax.device_get(setup.state["params"]))
+  leaf_names = {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(p0)[0]}
+  assert leaf_names == {"lora_a", "lora_b", "curv", "visual_alpha", "textual_alpha", "logit_scale"}
+  # An out-of-range log-curvature is clamped to log 10 before the forward pass (inside the jitted step).
+  state = dict(setup.state)
+  state["params"] = {**state["params"], "scalars": {**state["params"]["scalars"], "curv": jnp.float32(7.0)}}
+  new, m = setup.step_fn(state, setup.frozen, sharding.shard_batch(_batch(), setup.mesh), jax.random.key(0))
+  assert float(m["curvature"]) == pytest.approx(10.0, rel=1e-6)
+  p1 = jax.device_get(new["params"])
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p0)[0], jax.tree.leaves(p1)):
+    assert not np.array_equal(a, b), path    # every trainable leaf moved (lora_b from zeros, scalars by Adam)
+  chex.assert_trees_all_equal(frozen_before, jax.tree.map(np.asarray, jax.device_get(setup.frozen)))
+
+
+def test_weight_decay_skips_scalars():
+  setup = _setup(_one_device_mesh())
+  cfg = ml_collections.ConfigDict(dict(OPTIM.to_dict(), lr=1.0, weight_decay=0.5))
+  params = jax.device_get(setup.state["params"])
+  tx, _ = common.make_optimizer(cfg, 10, H.trainable_mask_wd(nnx.state(hysac_trainer.eval_model(setup), H.TRAINABLE)))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  for name, u in updates["scalars"].items():
+    assert float(u) == 0.0, name
+  a = params["clip"]["vision_model"]["embeddings"]["patch_embedding"]["lora_a"]
+  ua = updates["clip"]["vision_model"]["embeddings"]["patch_embedding"]["lora_a"]
+  np.testing.assert_allclose(ua, -0.5 * a, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The synthetic benchmark's phenomena (the default run's settings)
+
+@pytest.mark.slow
+def test_synthetic_phenomena(tmp_path):
+  summary = _run(tmp_path, "train.checkpoint_every=1000", "eval.plots=False", config="hysac_synthetic")
+  h, clip, wo_ent = summary["hysac"], summary["clip"], summary["wo_ent"]
+  print(json.dumps(summary, indent=1))
+  assert h["ordered_T<I<T*<I*"], h["root_distance_mean"]
+  trav = h["T*->I u I* R@1 traversal"]
+  assert trav >= clip["T*->I u I* R@1"] + 10.0
+  assert trav > wo_ent["T*->I u I* R@1 traversal"]
