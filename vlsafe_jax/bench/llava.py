@@ -1,0 +1,227 @@
+"""``python -m vlsafe_jax.bench llava``: LLaVA prefill latency and greedy-decode tokens/s, JAX vs HF PyTorch.
+
+Workloads W6/W7 (perf.md §5). Both sides run in this process on the same device kind with the same weights (the
+``small`` preset builds a random HF ``LlavaForConditionalGeneration``, saves it and loads it into JAX through the
+converter) or the same shapes with random weights (``7b`` preset: llava-1.5-7b-hf shapes, CLIP ViT-L/14-336 +
+Vicuna-7B, bf16, intended for a GPU; results are labelled "random weights").
+
+Each prompt is one image (N image tokens) plus ``--text-len`` text tokens. Measured per batch size B:
+  * prefill: vision tower + projector + decoder over the B x P prompt, writing the KV cache (JAX: one jitted
+    program; torch: ``model(input_ids, pixel_values, logits_to_keep=1)``);
+  * generate: B x N greedy tokens end to end (JAX: :func:`vlsafe_jax.models.llava.generate`; torch: ``generate``
+    eager with its dynamic cache, and static cache + ``torch.compile`` with ``--torch-compile``);
+  * decode tok/s = B * (N - 1) / (generate(N) - generate(1)), aggregated over the batch (shared prefill and
+    fixed costs cancel).
+Batch-1 decode also reports achieved bytes/s = (decoder weights + KV cache read per token) * tok/s and, on GPUs,
+the fraction of the device's peak bandwidth (perf.device_peak).
+
+Examples:
+  python -m vlsafe_jax.bench llava                                   # small CPU config, batch 1 and 8
+  python -m vlsafe_jax.bench llava --preset 7b --batch 1,32 --new-tokens 128 --torch-compile   # GPU, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlsafe_jax import perf
+from vlsafe_jax.models import llama as L
+from vlsafe_jax.models import llava as LV
+from vlsafe_jax.models.clip import CLIPVisionConfig
+
+PRESETS = {
+    # 2 CPU cores, a few minutes: 112 px / patch 14 -> 64 image tokens; small GQA decoder.
+    "small": dict(
+        vision=dict(image_size=112, patch_size=14, hidden_size=192, intermediate_size=768, num_hidden_layers=4,
+                    num_attention_heads=4),
+        text=dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+        image_token_index=2047),
+    # llava-1.5-7b-hf: CLIP ViT-L/14-336 (576 image tokens) + Vicuna-7B (vocab 32064).
+    "7b": dict(
+        vision=dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, projection_dim=768),
+        text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+        image_token_index=32000),
+}
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog="python -m vlsafe_jax.bench llava", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+  p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,8 on CPU, 1,32 on GPU)")
+  p.add_argument("--text-len", type=int, default=40, help="text tokens per prompt besides the image tokens")
+  p.add_argument("--new-tokens", type=int, default=32)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="default: float32 for small, bfloat16 for 7b")
+  p.add_argument("--windows", type=int, default=3)
+  p.add_argument("--steps", type=int, default=3, help="calls per timing window")
+  p.add_argument("--no-torch", action="store_true", help="JAX side only")
+  p.add_argument("--torch-compile", action="store_true", help="also time HF static cache + torch.compile")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="torch.set_num_threads (default: torch's own; 1 resists CPU oversubscription on shared hosts)")
+  p.add_argument("--out", default="runs/bench/results.jsonl")
+  return p.parse_args(argv)
+
+
+def _config(preset: str) -> LV.LlavaConfig:
+  kw = PRESETS[preset]
+  return LV.LlavaConfig(vision_config=CLIPVisionConfig(**kw["vision"]),
+                        text_config=L.LlamaConfig(**kw["text"], pad_token_id=0, eos_token_id=2),
+                        image_token_index=kw["image_token_index"])
+
+
+def _build(preset: str, dtype, want_torch: bool, torch_device: str):
+  """(jax model, torch model or None). Small preset: identical weights through the converter."""
+  cfg = _config(preset)
+  hf = None
+  if want_torch:
+    import torch
+    import transformers
+    kw = PRESETS[preset]
+    hf_cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**kw["vision"]),
+        text_config=transformers.LlamaConfig(**kw["text"], pad_token_id=0, eos_token_id=2, bos_token_id=1),
+        image_token_index=kw["image_token_index"], vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    hf_cfg.vision_config.model_type = "clip_vision_model"
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    tdtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
+    if preset == "small":
+      hf = transformers.LlavaForConditionalGeneration(hf_cfg).eval()
+      with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model = LV.Llava.from_pretrained(d, dtype=dtype, param_dtype=dtype)
+      return model, hf.to(device=torch_device, dtype=tdtype), cfg
+    with torch.device(torch_device):
+      hf = transformers.LlavaForConditionalGeneration(hf_cfg).to(tdtype).eval()
+  # Random weights built on device by a jitted init (no host-side float32 copy of 7B parameters).
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LV.Llava(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))
+  state = jax.jit(lambda: nnx.state(LV.Llava(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))()
+  return nnx.merge(graphdef, state), hf, cfg
+
+
+def main(argv: list[str]) -> None:
+  args = _parse(argv)
+  on_gpu = jax.default_backend() == "gpu"
+  dtype_name = args.dtype or ("bfloat16" if args.preset == "7b" else "float32")
+  dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+  batches = [int(x) for x in (args.batch or ("1,32" if on_gpu else "1,8")).split(",")]
+  torch_device = "cpu"
+  want_torch = not args.no_torch
+  if want_torch:
+    try:
+      import torch
+      torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+      if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    except ImportError:
+      want_torch = False
+  env = perf.environment()          # after set_num_threads so the record shows the thread count used
+  model, hf, cfg = _build(args.preset, dtype, want_torch, torch_device)
+  n_img, n_new = cfg.num_image_tokens, args.new_tokens
+  p_len = 1 + n_img + args.text_len
+  bytes_per = 2 if dtype == jnp.bfloat16 else 4
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def prefill(gd, st, ids, pixels, mask):
+    m = nnx.merge(gd, st)
+    logits, cache, _ = m(ids, pixels, attention_mask_bt=mask, kv_cache=m.init_cache(ids.shape[0], p_len + n_new),
+                         logits="last")
+    return logits, cache
+
+  rows, records = [], []
+  rs = np.random.RandomState(0)
+  vc = cfg.vision_config
+  for b in batches:
+    text = rs.randint(3, min(cfg.text_config.vocab_size, cfg.image_token_index) - 1, (b, args.text_len))
+    ids = np.concatenate([np.ones((b, 1), np.int64), np.full((b, n_img), cfg.image_token_index), text], 1)
+    ids = ids.astype(np.int32)
+    mask = np.ones_like(ids)
+    pixels = rs.randn(b, vc.image_size, vc.image_size, 3).astype(np.float32)
+    j_ids, j_mask, j_pix = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels)
+    t_pre = perf.time_fn(lambda: prefill(graphdef, state, j_ids, j_pix, j_mask), windows=args.windows,
+                         steps=args.steps)
+    gen = lambda n: (lambda: LV.generate(model, ids, j_pix, mask, max_new_tokens=n, eos_token_id=()).tokens)
+    t_gen = perf.time_fn(gen(n_new), windows=args.windows, steps=args.steps)
+    t_one = perf.time_fn(gen(1), windows=args.windows, steps=args.steps)
+    results = {"jax": (t_pre, t_gen, t_one)}
+    if hf is not None:
+      import torch
+      sync = perf.torch_sync(torch_device)
+      tdt = next(hf.parameters()).dtype
+      t_ids = torch.tensor(ids, dtype=torch.long, device=torch_device)
+      t_mask = torch.tensor(mask, dtype=torch.long, device=torch_device)
+      t_pix = torch.tensor(pixels.transpose(0, 3, 1, 2).copy(), device=torch_device, dtype=tdt)
+
+      def t_prefill():
+        with torch.no_grad():
+          return hf(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pix, use_cache=True,
+                    logits_to_keep=1).logits
+
+      def t_generate(n, **kw):
+        def run():
+          with torch.no_grad():
+            return hf.generate(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pix, max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+        return perf.time_fn(run, windows=args.windows, steps=args.steps, sync=sync)
+
+      tp = perf.time_fn(t_prefill, windows=args.windows, steps=args.steps, sync=sync)
+      results["torch eager"] = (tp, t_generate(n_new), t_generate(1))
+      if args.torch_compile:
+        lm = hf.model.language_model if hasattr(hf, "model") else hf.language_model
+        lm.forward = torch.compile(lm.forward, mode="reduce-overhead", fullgraph=False)
+        results["torch static+compile"] = (tp, t_generate(n_new, cache_implementation="static"),
+                                           t_generate(1, cache_implementation="static"))
+        lm.forward = type(lm).forward.__get__(lm)
+    for side, (tp, tg, t1) in results.items():
+      decode_s = tg.median - t1.median
+      tok_s = b * (n_new - 1) / decode_s if decode_s > 0 else float("nan")   # nan: noise swamped the decode
+      row = [side, b, p_len, n_new, tp.median * 1e3, b * p_len / tp.median, tg.median, tok_s]
+      bw = None
+      if b == 1:
+        bw = L.llama_decode_bytes(cfg.text_config, p_len + n_new // 2, bytes_per) * tok_s
+        peak = perf.device_peak()
+        row.append(f"{bw / 1e9:.2f} GB/s" + (f" ({bw / (peak[1] * 1e12):.0%} of peak)" if peak else ""))
+      else:
+        row.append("")
+      rows.append(row)
+      records.append({"workload": "W6/W7 llava", "side": side, "preset": args.preset, "dtype": dtype_name,
+                      "batch": b, "prompt_len": p_len, "image_tokens": n_img, "new_tokens": n_new,
+                      "prefill_s": tp.median, "prefill_windows": tp.window_s, "generate_s": tg.median,
+                      "generate_windows": tg.window_s, "generate1_s": t1.median, "generate1_windows": t1.window_s,
+                      "compile_s": tg.compile_s, "decode_tok_s": tok_s, "decode_bytes_s": bw,
+                      "prefill_flops": b * LV.llava_prefill_flops(cfg, p_len - n_img), "weights": "random", **env})
+    if "torch eager" in results:
+      _, tg_t, t1_t = results["torch eager"]
+      ratio = (tg_t.median - t1_t.median) / (t_gen.median - t_one.median)
+      rows.append(["ratio decode (JAX / torch eager)", b, "", "", "", "", "", f"{ratio:.2f}x", ""])
+      rows.append(["ratio prefill (JAX / torch eager)", b, "", "", "", "", "",
+                   f"{results['torch eager'][0].median / t_pre.median:.2f}x", ""])
+  load = os.getloadavg() if hasattr(os, "getloadavg") else None
+  for r in records:
+    r["host_load_avg_1m"] = None if load is None else load[0]
+  print(f"host load average (1 min) at the end: {load[0] if load else '-'} on {env['host_cpus']} CPUs")
+  print(f"device: {env['device_kind']} ({env['platform']}, {env['device_count']} device(s)); jax {env['jax']}, "
+        f"torch {env.get('torch', '-')} on {torch_device}; preset {args.preset}, {dtype_name}, random weights; "
+        f"prompt = 1 BOS + {n_img} image + {args.text_len} text tokens")
+  print(perf.format_table(["side", "batch", "prompt", "new", "prefill ms", "prefill tok/s", "generate s",
+                           "decode tok/s", "b1 bandwidth"], rows))
+  for r in records:
+    perf.append_result(r, args.out)
+
+
+if __name__ == "__main__":
+  import sys
+  main(sys.argv[1:])
