@@ -117,6 +117,10 @@ class NormalisedSource:
       if len(keys) > 1:
         self.duplicate.append((canon, keys))
 
+  def original(self, key: str) -> str:
+    """The file's name for a canonical key."""
+    return self._orig.get(key, key)
+
   def shapes(self):
     full = self.source.shapes()
     return {c: full[k] for c, k in self._orig.items()}
@@ -159,9 +163,12 @@ def load_llava_state(source, abstract_state: nnx.State, config, *, source_name: 
                              param_dtype=param_dtype, shardings=shardings, keymap=keymap, progress=progress,
                              stacked_prefix=STACKED_PREFIX)
   except ConversionError as e:
-    if not norm.duplicate:
-      raise
-    raise ConversionError(source_name, e.missing, e.unexpected, e.misshaped, e.ambiguous,
+    # Report the file's own key names (hub files say vision_tower.vision_model.*), not the canonical ones.
+    orig = norm.original
+    unexpected = [(orig(k), s, why) for k, s, why in e.unexpected]
+    misshaped = [(orig(k), hs, p, got, want) for k, hs, p, got, want in e.misshaped]
+    ambiguous = [(orig(k), t) for k, t in e.ambiguous]
+    raise ConversionError(source_name, e.missing, unexpected, misshaped, ambiguous,
                           e.duplicate + norm.duplicate) from None
   if norm.duplicate:
     raise ConversionError(source_name, duplicate=norm.duplicate)
