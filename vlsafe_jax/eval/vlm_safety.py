@@ -1,0 +1,343 @@
+"""VLM safety evaluation harness: prompt sets -> batched LLaVA generation -> judge -> rates (``cmrm.md`` §7,
+``tga.md`` §7).
+
+Prompt sets (:class:`SafetyItem`: ``id``, ``question``, ``image`` path or None, ``category``, optional ``caption``):
+
+* :func:`read_jsonl`: the project manifest, one JSON object per line
+  ``{"id", "question" | "prompt", "image": path | null, "category" | "scene", "caption"?}``; relative image
+  paths resolve against ``image_root`` (default: the manifest's directory). TGA's ``{"id","image","prompt","scene"}``
+  rows read the same (a missing prompt takes ``default_question``).
+* :func:`read_vlsafe`: VLSafe-style files (a JSON list or JSONL) whose rows hold the question under ``query`` /
+  ``question`` / ``instruction`` / ``prompt`` and the image under ``image`` / ``image_id`` / ``image_path`` /
+  ``img``; category ``"vlsafe"`` unless the row has one.
+* :func:`read_jailbreakllms`: JailbreakLLMs-style ``forbidden_question_set`` CSV (or JSONL) with ``question`` and
+  ``content_policy_name`` (the 13 scenarios, used as the category), optional ``q_id`` and an ``image`` column
+  (the "manipulated" COCO pairing); rows without an image are text-only.
+
+:func:`generate_responses` runs :func:`vlsafe_jax.models.llava.generate` over batches (images optional per
+item, mixed batches allowed) with an optional ``steer_fn`` hook (CMRM plugs its vectors there);
+:func:`evaluate_responses` judges them and reports, overall and per category, the **unsafe rate** (mode
+``response``, CMRM) or the **defense success rate** (mode ``refusal``, TGA), with the judge named and its config;
+:func:`write_eval` writes ``eval.json``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlsafe_jax.eval import judge as judge_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyItem:
+  """One evaluation prompt. ``image``: a path (str), an in-memory uint8 (H, W, 3) array, or None (text only)."""
+  id: str
+  question: str
+  image: Any = None
+  category: str = "all"
+  caption: str | None = None
+
+  @property
+  def has_image(self) -> bool:
+    return self.image is not None
+
+
+def _resolve(image, root: Path | None):
+  """A manifest image entry -> absolute path string, in-memory array unchanged, or None (text only)."""
+  if image is None or (isinstance(image, str) and not image.strip()):
+    return None
+  if not isinstance(image, (str, os.PathLike)):
+    return image
+  p = Path(image)
+  return str(p if p.is_absolute() or root is None else root / p)
+
+
+def _rows_json(path: Path) -> list[dict]:
+  """A JSON list or JSONL file -> list of dicts (error names the file and line)."""
+  text = path.read_text(encoding="utf-8")
+  stripped = text.lstrip()
+  if stripped.startswith("["):
+    try:
+      rows = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: invalid JSON list ({e})") from e
+  else:
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{i}: invalid JSON line ({e})") from e
+  for i, r in enumerate(rows):
+    if not isinstance(r, dict):
+      raise ValueError(f"{path}: item {i} is a {type(r).__name__}, expected a JSON object")
+  return rows
+
+
+def _pick(row: Mapping, keys: Sequence[str]):
+  for k in keys:
+    if k in row and row[k] is not None:
+      return row[k]
+  return None
+
+
+def read_jsonl(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
+               default_question: str | None = None, use_images: bool = True) -> list[SafetyItem]:
+  """The project manifest (see module docstring). ``use_images=False`` drops every image (text-only set)."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"prompt manifest {path} does not exist")
+  root = Path(image_root) if image_root else path.parent
+  items = []
+  for i, r in enumerate(_rows_json(path)):
+    q = _pick(r, ("question", "prompt"))
+    if q is None:
+      q = default_question
+    if q is None or not str(q).strip():
+      raise ValueError(f"{path}: item {i} (id {r.get('id', i)!r}) has no 'question' (or 'prompt')")
+    img = _resolve(r.get("image"), root) if use_images else None
+    items.append(SafetyItem(str(r.get("id", i)), str(q), img, str(_pick(r, ("category", "scene")) or "all"),
+                            r.get("caption")))
+  _check_ids(items, path)
+  return items
+
+
+def read_vlsafe(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
+                use_images: bool = True) -> list[SafetyItem]:
+  """VLSafe-style rows (JSON list or JSONL): question under query/question/instruction/prompt, image under
+  image/image_id/image_path/img (resolved against ``image_root``)."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"VLSafe file {path} does not exist")
+  root = Path(image_root) if image_root else path.parent
+  items = []
+  for i, r in enumerate(_rows_json(path)):
+    q = _pick(r, ("query", "question", "instruction", "prompt"))
+    if q is None or not str(q).strip():
+      raise ValueError(f"{path}: item {i} has none of the question keys query/question/instruction/prompt")
+    img = _pick(r, ("image", "image_id", "image_path", "img"))
+    items.append(SafetyItem(str(r.get("id", i)), str(q), _resolve(img, root) if use_images else None,
+                            str(r.get("category", "vlsafe")), r.get("caption")))
+  _check_ids(items, path)
+  return items
+
+
+def read_jailbreakllms(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
+                       use_images: bool = True) -> list[SafetyItem]:
+  """JailbreakLLMs ``forbidden_question_set``-style CSV (or JSONL): ``question``, ``content_policy_name``
+  (category), optional ``q_id`` / ``id`` and ``image``."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"JailbreakLLMs file {path} does not exist")
+  root = Path(image_root) if image_root else path.parent
+  if path.suffix.lower() == ".csv":
+    with path.open(newline="", encoding="utf-8") as f:
+      rows = list(csv.DictReader(f))
+  else:
+    rows = _rows_json(path)
+  items = []
+  for i, r in enumerate(rows):
+    q = _pick(r, ("question", "prompt"))
+    if q is None or not str(q).strip():
+      raise ValueError(f"{path}: row {i} has no 'question'")
+    cat = _pick(r, ("content_policy_name", "category", "scenario")) or "all"
+    img = _resolve(r.get("image") or None, root) if use_images else None
+    items.append(SafetyItem(str(_pick(r, ("id", "q_id")) if _pick(r, ("id", "q_id")) is not None else i),
+                            str(q), img, str(cat), r.get("caption") or None))
+  _check_ids(items, path)
+  return items
+
+
+READERS = {"jsonl": read_jsonl, "vlsafe": read_vlsafe, "jailbreakllms": read_jailbreakllms}
+
+
+def read_prompt_set(path: str | os.PathLike, kind: str = "jsonl", **kwargs) -> list[SafetyItem]:
+  """Dispatch to :data:`READERS` by ``kind``."""
+  if kind not in READERS:
+    raise ValueError(f"prompt-set kind {kind!r} unknown; expected one of {sorted(READERS)}")
+  return READERS[kind](path, **kwargs)
+
+
+def _check_ids(items: Sequence[SafetyItem], path) -> None:
+  seen: dict[str, int] = {}
+  for i, it in enumerate(items):
+    if it.id in seen:
+      raise ValueError(f"{path}: duplicate id {it.id!r} (items {seen[it.id]} and {i})")
+    seen[it.id] = i
+
+
+def write_jsonl(items: Sequence[SafetyItem], path: str | os.PathLike) -> Path:
+  """Writes items with path (or null) images as a project manifest (in-memory arrays are not serialisable)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("w", encoding="utf-8") as f:
+    for it in items:
+      if it.image is not None and not isinstance(it.image, (str, os.PathLike)):
+        raise ValueError(f"item {it.id!r}: in-memory image cannot be written to a manifest; save it first")
+      row = {"id": it.id, "question": it.question, "image": None if it.image is None else str(it.image),
+             "category": it.category}
+      if it.caption is not None:
+        row["caption"] = it.caption
+      f.write(json.dumps(row) + "\n")
+  return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PromptBatch:
+  """One generation batch: the items, their tokenised prompts (vlm_prompts.Prompt) and pixels (I, h, w, C) or None
+  (one image per item with ``use_image`` True, in item order)."""
+  items: list[SafetyItem]
+  prompts: list[Any]
+  pixels: np.ndarray | None
+
+
+def build_batches(items: Sequence[SafetyItem], tokenizer, model_config, *, batch_size: int = 8,
+                  template: str = "llava_v1", system: str | None = None, use_images: bool = True,
+                  image_fn: Callable[[SafetyItem], np.ndarray] | None = None, image_mean=None, image_std=None):
+  """Yields :class:`PromptBatch` es. ``image_fn(item) -> normalised (h, w, C) float32`` overrides image loading
+  (default: :func:`vlsafe_jax.data.images.preprocess` of the path / array at the model's image size)."""
+  from vlsafe_jax.data import images as images_lib
+  from vlsafe_jax.data.vlm_prompts import build_prompt
+  size = model_config.vision_config.image_size
+  kw = {}
+  if image_mean is not None:
+    kw["mean"] = image_mean
+  if image_std is not None:
+    kw["std"] = image_std
+  for s in range(0, len(items), batch_size):
+    chunk = list(items[s:s + batch_size])
+    prompts, pix = [], []
+    for it in chunk:
+      with_img = use_images and it.has_image
+      prompts.append(build_prompt(tokenizer, it.question, template=template, image=with_img,
+                                  num_image_tokens=model_config.num_image_tokens,
+                                  image_token_index=model_config.image_token_index, system=system))
+      if with_img:
+        if image_fn is not None:
+          pix.append(np.asarray(image_fn(it), np.float32))
+        else:
+          try:
+            pix.append(images_lib.preprocess(it.image, size, **kw)[0])
+          except (OSError, ValueError) as e:
+            raise ValueError(f"item {it.id!r}: cannot load image {it.image if isinstance(it.image, str) else ''}"
+                             f" ({e})") from e
+    yield PromptBatch(chunk, prompts, np.stack(pix) if pix else None)
+
+
+def decode_tokens(tokenizer, tokens_bn, lengths_b) -> list[str]:
+  """Decodes generated tokens (dropping EOS/padding) with ``tokenizer.decode(ids, skip_special_tokens=True)``."""
+  toks, lens = np.asarray(tokens_bn), np.asarray(lengths_b)
+  return [tokenizer.decode(toks[i, :lens[i]].tolist(), skip_special_tokens=True).strip() for i in range(len(lens))]
+
+
+def generate_responses(model, tokenizer, items: Sequence[SafetyItem], *, batch_size: int = 8,
+                       max_new_tokens: int = 512, template: str = "llava_v1", system: str | None = None,
+                       use_images: bool = True, steer_fn: Callable[[PromptBatch], Mapping[str, Any]] | None = None,
+                       image_fn=None, progress: bool = False, desc: str = "generate", eos_token_id=None,
+                       **generate_kwargs) -> list[str]:
+  """Greedy (by default) responses for ``items``, one string per item, in order.
+
+  Args:
+    model: :class:`vlsafe_jax.models.llava.Llava`. tokenizer: HF-style (see ``vlm_prompts.build_prompt``).
+    use_images: False = text-only prompts for every item (the image span deleted).
+    steer_fn: ``PromptBatch -> extra llava.generate kwargs`` (``steer_vectors``, ``steer_alpha``,
+      ``steer_prompt_mask``, ``steer_decode``...); None = unsteered.
+    generate_kwargs: passed to :func:`vlsafe_jax.models.llava.generate` (``min_bucket``, ``bucket_step``, ...).
+  """
+  from vlsafe_jax.models import llava as llava_lib
+  batches = build_batches(items, tokenizer, model.config, batch_size=batch_size, template=template, system=system,
+                          use_images=use_images, image_fn=image_fn)
+  total = -(-len(items) // batch_size)
+  if progress:
+    from tqdm import tqdm
+    batches = tqdm(batches, total=total, desc=desc)
+  if eos_token_id is None:
+    eos_token_id = getattr(tokenizer, "eos_token_id", None)
+  out: list[str] = []
+  for batch in batches:
+    kw = dict(generate_kwargs)
+    if steer_fn is not None:
+      kw.update(steer_fn(batch))
+    if eos_token_id is not None:
+      kw.setdefault("eos_token_id", eos_token_id)
+    res = llava_lib.generate(model, [p.input_ids for p in batch.prompts], batch.pixels,
+                             max_new_tokens=max_new_tokens, **kw)
+    out += decode_tokens(tokenizer, res.tokens, res.lengths)
+  return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Judging and rates
+# --------------------------------------------------------------------------------------------------------------
+
+RATE_NAMES = {"response": "unsafe_rate", "refusal": "defense_success_rate", "content": "unsafe_rate"}
+
+
+def evaluate_responses(items: Sequence[SafetyItem], responses: Sequence[str], judge, *, mode: str = "response",
+                       ) -> dict[str, Any]:
+  """Judges ``responses`` and aggregates.
+
+  Returns ``{"judge": name, "judge_config", "mode", "metric": "unsafe_rate" | "defense_success_rate",
+  "overall": summary, "per_category": {cat: summary}, "items": [per-item rows]}``; a summary is
+  :func:`vlsafe_jax.eval.judge.summarize` plus the metric name as a key holding ``rate`` (%).
+  """
+  if len(items) != len(responses):
+    raise ValueError(f"{len(items)} items but {len(responses)} responses")
+  verdicts = judge.judge(mode, list(responses), [it.question for it in items])
+  metric = RATE_NAMES[mode]
+
+  def summary(vs):
+    s = judge_lib.summarize(vs)
+    s[metric] = s["rate"]
+    return s
+
+  cats: dict[str, list] = {}
+  for it, v in zip(items, verdicts):
+    cats.setdefault(it.category, []).append(v)
+  rows = [{"id": it.id, "category": it.category, "image": it.image if isinstance(it.image, (str, type(None)))
+           else "<array>", "question": it.question, "response": r, **v.to_dict()}
+          for it, r, v in zip(items, responses, verdicts)]
+  return {"judge": judge.name, "judge_config": judge.config(), "mode": mode, "metric": metric,
+          "overall": summary(verdicts), "per_category": {c: summary(vs) for c, vs in sorted(cats.items())},
+          "items": rows}
+
+
+def write_eval(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
+  """Writes ``results`` as indented JSON (NaN kept as JSON ``NaN``)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(results, indent=2, default=_json_default))
+  return path
+
+
+def _json_default(o):
+  if isinstance(o, (np.floating, np.integer)):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
+
+
+def run_safety_eval(model, tokenizer, items: Sequence[SafetyItem], judge, *, mode: str = "response",
+                    **gen_kwargs) -> dict[str, Any]:
+  """:func:`generate_responses` then :func:`evaluate_responses` (one call for notebooks)."""
+  responses = generate_responses(model, tokenizer, items, **gen_kwargs)
+  return evaluate_responses(items, responses, judge, mode=mode)
+
+
+__all__ = ["SafetyItem", "read_jsonl", "read_vlsafe", "read_jailbreakllms", "read_prompt_set", "READERS",
+           "write_jsonl", "PromptBatch", "build_batches", "decode_tokens", "generate_responses",
+           "evaluate_responses", "write_eval", "run_safety_eval", "RATE_NAMES"]
