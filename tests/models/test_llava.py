@@ -182,3 +182,42 @@ def test_feature_layer_list_and_full_strategy_shapes():
   feats = jnp.arange(1.0, 4.0).reshape(1, 3, 1)
   got = LV.scatter_image_features(emb, m, feats)[..., 0]
   np.testing.assert_array_equal(np.asarray(got), [[0, 1, 2], [3, 0, 0]])
+
+
+def test_steered_generation_new_tokens_only_matches_hf_hooks(llama_pair):
+  # CMRM's "new_tokens" mode (cmrm.md §4.2): steer the last prompt position in prefill and every decode step;
+  # per-example vectors. HF reference: forward hooks on its decoder layers doing the same.
+  import torch
+  _, hf, model = llama_pair
+  rows, pixels = _batch(seed=6)
+  ids, mask = pad_rows(rows, "left")
+  n = model.config.text_config.num_hidden_layers
+  d = model.config.text_config.hidden_size
+  v_bld = np.random.RandomState(3).randn(len(rows), n, d).astype(np.float32)
+  alpha = 0.7
+  handles = []
+  for l, layer in enumerate(hf.model.language_model.layers):
+    def hook(mod, inp, out, l=l):
+      h = out[0] if isinstance(out, tuple) else out
+      add = alpha * torch.as_tensor(v_bld[:, l])[:, None, :]
+      if h.shape[1] > 1:                       # prefill: only the last prompt position
+        sel = torch.zeros(h.shape[:2] + (1,))
+        sel[:, -1] = 1.0
+        add = add * sel
+      h = h + add
+      return (h, *out[1:]) if isinstance(out, tuple) else h
+    handles.append(layer.register_forward_hook(hook))
+  try:
+    with torch.no_grad():
+      ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=nchw(pixels),
+                        max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=PAD)
+  finally:
+    for h in handles:
+      h.remove()
+  last_only = np.zeros_like(mask)
+  last_only[:, -1] = 1
+  out = LV.generate(model, ids, pixels, mask, max_new_tokens=20, eos_token_id=(), steer_vectors=v_bld,
+                    steer_alpha=alpha, steer_prompt_mask=last_only, steer_decode=True)
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref[:, ids.shape[1]:].numpy())
+  plain = LV.generate(model, ids, pixels, mask, max_new_tokens=20, eos_token_id=())
+  assert not np.array_equal(np.asarray(plain.tokens), np.asarray(out.tokens))   # the steering mattered
