@@ -61,3 +61,12 @@ def test_compare_flags_a_perturbed_value(parity):
   assert not ok and errs["entail_i_tu@2"] > 1
   bad = dict(parity["jax"], **{"grad_norm@1": parity["jax"]["grad_norm@1"] * (1 + 3 * hs.GRAD_NORM_RTOL)})
   assert not hs.compare(bad, parity["torch"])[0]
+
+
+def test_l14_preset_flops_match_perf_md():
+  """perf.md §3: a HySAC step costs ~701 GFLOP per quadruplet (4N) and ~1,052 GFLOP as 6N at ViT-L/14, 77 tokens."""
+  from vlsafe_jax.train import hysac_trainer
+  spec = hs.PRESETS["l14"]
+  f4 = hysac_trainer.step_flops(hs._clip_config(spec), spec["seq_len"])
+  np.testing.assert_allclose(f4, 701e9, rtol=0.01)
+  np.testing.assert_allclose(1.5 * f4, 1052e9, rtol=0.01)

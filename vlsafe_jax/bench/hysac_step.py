@@ -279,7 +279,7 @@ def torch_batch(batch: dict[str, np.ndarray], device: str) -> dict[str, Any]:
 def make_torch_step(module, opt, tb, *, device: str, bf16: bool, loss_fn=None):
   """``step() -> (total, terms)``: clamp, forward (autocast when ``bf16``), backward, AdamW."""
   import torch
-  fwd = loss_fn or module
+  fwd = module if loss_fn is None else loss_fn
 
   def step():
     opt.zero_grad(set_to_none=True)
@@ -408,9 +408,11 @@ def _verdict(r: float, jax_worst: float, torch_best: float, tuned: bool, parity_
   else:
     v = "behind"
   if not tuned:
-    v += " (vs untuned torch: no claim)"
-  if parity_ok is not True:
-    v += " (parity not passed: no claim)"
+    v += " (vs eager torch, not the tuned torch.compile reference: no claim)"
+  if parity_ok is None:
+    v += " (parity not run: no claim)"
+  elif not parity_ok:
+    v += " (parity FAILED: no claim)"
   return v
 
 
@@ -492,8 +494,10 @@ def main(argv: list[str]) -> None:
       # Per-device throughputs (torch runs one device's batch): R = (per_dev / t_jax) / (per_dev / t_torch).
       r = tt.median / tj.median
       rec["ratio"] = r
-      rec["verdict"] = _verdict(r, tj.worst, tt.best, tuned=bool(tc) and tdevice.startswith("cuda"),
+      rec["verdict"] = _verdict(r, tj.worst, tt.best, tuned=bool(tc),
                                 parity_ok=None if parity is None else parity["ok"])
+      if not on_gpu:
+        rec["verdict"] += " [CPU measurement; perf.md's claims are about GPUs]"
 
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -519,6 +523,9 @@ def main(argv: list[str]) -> None:
   if torch is not None and not tc:
     notes.append("torch.compile disabled (--no-torch-compile; default on CPU: inductor's C++ build is too slow "
                  "on a 2-core host)")
+  if load and torch is not None and not on_gpu and load[0] > env["host_cpus"]:
+    notes.append(f"the host is oversubscribed (load {load[0]:.1f} > {env['host_cpus']} CPUs): torch's OpenMP threads "
+                 f"degrade badly then (measured 2 vs 1 threads: up to ~6x slower); compare with --torch-threads 1")
   if load:
     notes.append(f"host load average (1/5/15 min) {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on "
                  f"{env['host_cpus']} CPUs (shared host: numbers are noisy)")
