@@ -202,6 +202,8 @@ class PromptBatch:
   items: list[SafetyItem]
   prompts: list[Any]
   pixels: np.ndarray | None
+  input_ids: np.ndarray | None = None          # (B, T) int32, left-padded (set by generate_responses)
+  attention_mask: np.ndarray | None = None     # (B, T) int32, 1 = prompt token
 
 
 def build_batches(items: Sequence[SafetyItem], tokenizer, model_config, *, batch_size: int = 8,
@@ -267,13 +269,17 @@ def generate_responses(model, tokenizer, items: Sequence[SafetyItem], *, batch_s
   if eos_token_id is None:
     eos_token_id = getattr(tokenizer, "eos_token_id", None)
   out: list[str] = []
+  from vlsafe_jax.data.vlm_prompts import collate
+  pad = model.config.text_config.pad_token_id or 0
   for batch in batches:
+    arr = collate(batch.prompts, pad, side="left")
+    batch.input_ids, batch.attention_mask = arr["input_ids"], arr["attention_mask"]
     kw = dict(generate_kwargs)
     if steer_fn is not None:
       kw.update(steer_fn(batch))
     if eos_token_id is not None:
       kw.setdefault("eos_token_id", eos_token_id)
-    res = llava_lib.generate(model, [p.input_ids for p in batch.prompts], batch.pixels,
+    res = llava_lib.generate(model, batch.input_ids, batch.pixels, batch.attention_mask,
                              max_new_tokens=max_new_tokens, **kw)
     out += decode_tokens(tokenizer, res.tokens, res.lengths)
   return out

@@ -1,0 +1,175 @@
+"""CMRM (cmrm.md §10) on a tiny random HF LLaVA (float32, highest matmul precision).
+
+Tolerances: steered HF parity rtol = atol = 1e-5 on first-token logits and exact greedy tokens (fp32 both sides,
+HF eager attention); alpha = 0 vs unsteered rtol 1e-6; the corrected layer-1 state equals the text-only state to
+rtol 1e-6 / atol 1e-6 (float rounding of a + (b - a)); 8-device extraction vs 1 device rtol = atol = 1e-5.
+"""
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from _llava_hf import IMAGE_SIZE, IMAGE_TOKEN, N_IMG, PAD, build_hf, nchw  # noqa: E402
+
+from vlsafe_jax.data.vlm_prompts import SEG_IMAGE, SEG_OTHER, SEG_QUESTION, Prompt  # noqa: E402
+from vlsafe_jax.methods.cmrm import shift, steer  # noqa: E402
+from vlsafe_jax.models import llava as LV  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cmrm_llava")
+  hf = build_hf("llama", d, seed=3)
+  return hf, LV.Llava.from_pretrained(d)
+
+
+def _prompt(rs, before, after):
+  """A multimodal Prompt: BOS + text, image span, question text (ids in [3, 100))."""
+  ids = [1] + list(rs.randint(3, 100, before)) + [IMAGE_TOKEN] * N_IMG + list(rs.randint(3, 100, after))
+  segs = [SEG_OTHER] * (1 + before) + [SEG_IMAGE] * N_IMG + [SEG_QUESTION] * after
+  return Prompt(np.asarray(ids, np.int32), np.asarray(segs, np.int32), "")
+
+
+def _prompts(seed=0, n=3):
+  rs = np.random.RandomState(seed)
+  return [_prompt(rs, 2 + i, 3 + 2 * i) for i in range(n)]
+
+
+def _gen(model, prompts, pixels, **kw):
+  from vlsafe_jax.data.vlm_prompts import collate
+  arr = collate(prompts, PAD, side="left")
+  return LV.generate(model, arr["input_ids"], pixels, arr["attention_mask"], max_new_tokens=6, eos_token_id=(),
+                     **kw), arr
+
+
+def test_alpha_zero_is_identity(pair):
+  _, model = pair
+  prompts = _prompts(0)
+  pixels = np.random.RandomState(1).randn(3, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  base, arr = _gen(model, prompts, pixels)
+  v = np.random.RandomState(2).randn(2, 40).astype(np.float32)
+  for apply in ("all", "new_tokens"):
+    out, _ = _gen(model, prompts, pixels, **steer.steer_kwargs(v, 0.0, apply=apply,
+                                                               attention_mask_bt=arr["attention_mask"]))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(base.tokens))
+    np.testing.assert_allclose(np.asarray(out.first_logits), np.asarray(base.first_logits), rtol=1e-6, atol=1e-6)
+  # Non-zero alpha does change the output (the test above can fail).
+  out, _ = _gen(model, prompts, pixels, **steer.steer_kwargs(30 * v, 1.0))
+  assert not np.allclose(np.asarray(out.first_logits), np.asarray(base.first_logits))
+
+
+def test_sample_vector_corrects_first_layer_exactly(pair):
+  _, model = pair
+  prompts = _prompts(4)
+  ht, hc = shift.extract_pairs(model, prompts, mode="last", corrupt="noise", noise_seed=5)
+  v_bld = shift.sample_vectors(ht, hc)
+  from vlsafe_jax.data.vlm_prompts import collate
+  arr = collate(prompts, PAD, side="left")
+  pix = shift.corrupted_pixels(3, IMAGE_SIZE, "noise", seed=5)
+  t = arr["input_ids"].shape[1]
+  _, _, ex = model(jnp.asarray(arr["input_ids"]), jnp.asarray(pix), attention_mask_bt=jnp.asarray(arr["attention_mask"]),
+                   steer_vectors=jnp.asarray(v_bld), steer_alpha=1.0,
+                   hidden_positions_bp=jnp.full((3, 1), t - 1, jnp.int32), logits="none")
+  corrected = np.asarray(ex["hidden_at_positions"])[:, :, 0]
+  np.testing.assert_allclose(corrected[:, 0], ht[:, 0], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(hc[:, 0], ht[:, 0], atol=1e-3)        # the image really shifts the state
+
+
+def test_steered_generation_matches_hf_hooks(pair):
+  import torch
+  hf, model = pair
+  prompts = _prompts(7)
+  pixels = np.random.RandomState(8).randn(3, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  rs = np.random.RandomState(9)
+  for vectors, alpha in ((rs.randn(2, 40).astype(np.float32), 1.0), (rs.randn(3, 2, 40).astype(np.float32), 0.5)):
+    out, arr = _gen(model, prompts, pixels, **steer.steer_kwargs(vectors, alpha))
+    v = torch.tensor(vectors if vectors.ndim == 3 else np.broadcast_to(vectors, (3, 2, 40)).copy())
+    handles = []
+    for l, layer in enumerate(hf.model.language_model.layers):
+      def hook(mod, inp, outp, l=l):
+        h = outp[0] if isinstance(outp, tuple) else outp
+        h = h + alpha * v[:, l][:, None, :]
+        return (h, *outp[1:]) if isinstance(outp, tuple) else h
+      handles.append(layer.register_forward_hook(hook))
+    try:
+      with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(arr["input_ids"].astype(np.int64)),
+                          attention_mask=torch.tensor(arr["attention_mask"].astype(np.int64)),
+                          pixel_values=nchw(pixels), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
+    finally:
+      for h in handles:
+        h.remove()
+    t = arr["input_ids"].shape[1]
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref.sequences[:, t:].numpy())
+    np.testing.assert_allclose(np.asarray(out.first_logits), ref.logits[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_new_tokens_mode_leaves_earlier_positions(pair):
+  _, model = pair
+  prompts = _prompts(11)
+  from vlsafe_jax.data.vlm_prompts import collate
+  arr = collate(prompts, PAD, side="left")
+  pix = np.random.RandomState(12).randn(3, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  v = np.random.RandomState(13).randn(2, 40).astype(np.float32)
+  kw = steer.steer_kwargs(v, 1.0, apply="new_tokens", layers=[1], attention_mask_bt=arr["attention_mask"])
+  args = (jnp.asarray(arr["input_ids"]), jnp.asarray(pix))
+  common = dict(attention_mask_bt=jnp.asarray(arr["attention_mask"]), output_hidden_states=True)
+  _, _, base = model(*args, **common)
+  _, _, st = model(*args, steer_vectors=jnp.asarray(kw["steer_vectors"]), steer_alpha=kw["steer_alpha"],
+                   steer_mask_bt=jnp.asarray(kw["steer_prompt_mask"]), **common)
+  hb, hs = np.asarray(base["hidden_states"]), np.asarray(st["hidden_states"])
+  np.testing.assert_array_equal(hs[:, :, :-1], hb[:, :, :-1])       # positions < P - 1 untouched
+  np.testing.assert_array_equal(hs[1, :, -1], hb[1, :, -1])          # layer 0 (index 1) outside the subset
+  np.testing.assert_allclose(hs[2, :, -1], hb[2, :, -1] + v[1], rtol=1e-6, atol=1e-6)
+
+
+def test_vectors_round_trip_and_errors(tmp_path):
+  v = np.random.RandomState(0).randn(3, 7).astype(np.float32)
+  shift.CMRMVectors(v, {"model_id": "m", "extract": "last"}).save(tmp_path / "cmrm_vectors")
+  back = shift.CMRMVectors.load(tmp_path / "cmrm_vectors.npz", num_layers=3, hidden_size=7)
+  np.testing.assert_array_equal(back.vectors, v)
+  assert back.meta["model_id"] == "m" and back.meta["num_layers"] == 3
+  with pytest.raises(ValueError, match="4 decoder layers"):
+    shift.CMRMVectors.load(tmp_path / "cmrm_vectors", num_layers=4, hidden_size=7)
+  with pytest.raises(ValueError, match="hidden size 7"):
+    shift.CMRMVectors.load(tmp_path / "cmrm_vectors", num_layers=3, hidden_size=8)
+  with pytest.raises(FileNotFoundError, match="missing"):
+    shift.CMRMVectors.load(tmp_path / "missing")
+
+
+def test_dataset_and_pca_vectors():
+  rs = np.random.RandomState(0)
+  diffs = rs.randn(11, 3, 5).astype(np.float32)
+  np.testing.assert_allclose(shift.dataset_vector(diffs), diffs.astype(np.float64).mean(0), rtol=1e-6)
+  # Rank 1: rows are positive multiples of one direction per layer -> the scaled PC equals the mean.
+  u = rs.randn(3, 5)
+  rank1 = rs.uniform(0.5, 2.0, (11, 3, 1)) * u[None]
+  np.testing.assert_allclose(shift.pca_vector(rank1), rank1.mean(0), rtol=1e-5, atol=1e-6)
+  # Sign alignment: flipping every row flips the result with the mean.
+  np.testing.assert_allclose(shift.pca_vector(-rank1), -rank1.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_mask_and_errors():
+  np.testing.assert_array_equal(steer.layer_mask("all", 4), [1, 1, 1, 1])
+  np.testing.assert_array_equal(steer.layer_mask("1:3", 4), [0, 1, 1, 0])
+  np.testing.assert_array_equal(steer.layer_mask([0, -1], 4), [1, 0, 0, 1])
+  with pytest.raises(ValueError, match="out of range"):
+    steer.layer_mask([4], 4)
+
+
+def test_extraction_sharded_equals_single(pair):
+  _, model = pair
+  from vlsafe_jax import sharding
+  prompts = _prompts(20, n=8)
+  ht1, hc1 = shift.extract_pairs(model, prompts, batch_size=8, mode="text_mean")
+  mesh = sharding.make_mesh(data=8)
+  ht8, hc8 = shift.extract_pairs(model, prompts, batch_size=8, mode="text_mean", mesh=mesh)
+  np.testing.assert_allclose(ht8, ht1, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(hc8, hc1, rtol=1e-5, atol=1e-5)

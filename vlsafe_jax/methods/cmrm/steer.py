@@ -1,0 +1,120 @@
+"""CMRM steering: per-layer additive vectors during LLaVA generation (``cmrm.md`` §3.3, §4.2, §6).
+
+The decoder adds ``alpha * mask[b, t] * v[l]`` to the residual output of layer l (prefill and every decode step,
+before layer l+1 computes and caches its K/V), so generation with steering stays the single compiled loop of
+:mod:`vlsafe_jax.models.decoding`; vectors, alpha and masks are traced (changing them never recompiles).
+
+* Layer subsets (``layers``: ``"all"``, a list of 0-based indices, or ``"a:b"``) zero the other layers' rows: the
+  add of an exact 0 leaves them unchanged.
+* ``apply="all"``: every real prompt position and every new token. ``apply="new_tokens"``: only the last prompt
+  position (whose logits give the first token) and the decode steps (cmrm.md §4.2).
+* Dataset-level: one (L, D) vector for all rows, alpha default 1.0. Sample-level: (B, L, D) vectors from two extra
+  prefills per batch (corrupted image, text only), alpha default 0.5.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vlsafe_jax.methods.cmrm import shift
+
+APPLY_MODES = ("all", "new_tokens")
+DEFAULT_ALPHA = {"dataset": 1.0, "sample": 0.5}
+
+
+def layer_mask(layers: Any, num_layers: int) -> np.ndarray:
+  """(L,) float32 0/1 from ``"all"``, ``"a:b"`` (Python slice of 0-based layer indices) or a list of indices."""
+  m = np.zeros((num_layers,), np.float32)
+  if layers is None or layers == "all":
+    m[:] = 1
+    return m
+  if isinstance(layers, str):
+    if ":" not in layers:
+      raise ValueError(f"cmrm.layers {layers!r}: expected 'all', 'a:b' or a list of layer indices")
+    a, b = layers.split(":", 1)
+    m[slice(int(a) if a else None, int(b) if b else None)] = 1
+    return m
+  for i in layers:
+    if not -num_layers <= int(i) < num_layers:
+      raise ValueError(f"cmrm.layers index {i} out of range for {num_layers} decoder layers")
+    m[int(i)] = 1
+  return m
+
+
+def prompt_steer_mask(attention_mask_bt: np.ndarray, apply: str) -> np.ndarray:
+  """(B, T) int32 prompt steering mask for left-padded prompts: all real tokens, or only the last column."""
+  mask = np.asarray(attention_mask_bt, np.int32)
+  if apply == "all":
+    return mask
+  if apply == "new_tokens":
+    out = np.zeros_like(mask)
+    out[:, -1] = mask[:, -1]
+    return out
+  raise ValueError(f"cmrm.apply {apply!r} unknown; expected one of {APPLY_MODES}")
+
+
+def steer_kwargs(vectors, alpha: float, *, layers: Any = "all", apply: str = "all",
+                 attention_mask_bt: np.ndarray | None = None) -> dict[str, Any]:
+  """``llava.generate`` / ``decoding.generate`` keyword arguments for (L, D) or (B, L, D) ``vectors``.
+
+  ``attention_mask_bt`` (left-padded prompt mask) is needed for ``apply="new_tokens"``.
+  """
+  v = np.asarray(vectors, np.float32)
+  lm = layer_mask(layers, v.shape[-2])
+  kw: dict[str, Any] = {"steer_vectors": v * lm[:, None], "steer_alpha": float(alpha), "steer_decode": True}
+  if apply != "all":
+    if attention_mask_bt is None:
+      raise ValueError("cmrm.apply='new_tokens' needs the prompt attention mask")
+    kw["steer_prompt_mask"] = prompt_steer_mask(attention_mask_bt, apply)
+  elif apply not in APPLY_MODES:
+    raise ValueError(f"cmrm.apply {apply!r} unknown; expected one of {APPLY_MODES}")
+  return kw
+
+
+class Steerer:
+  """A ``steer_fn`` for :func:`vlsafe_jax.eval.vlm_safety.generate_responses`.
+
+  Args:
+    model: the LLaVA (used for sample-level extraction).
+    level: ``"dataset"`` (needs ``vectors`` (L, D)) or ``"sample"`` (vectors computed per batch).
+    alpha: None = :data:`DEFAULT_ALPHA` of the level. layers / apply: see the module docstring.
+    extract / corrupt / noise_seed: sample-level extraction options (cmrm.md §4.1, §5).
+  Rows without an image are steered too for dataset level (the vector is input-independent); sample level needs
+  an image span in every row (its text-only counterpart is the row with the span deleted).
+  """
+
+  def __init__(self, model, *, level: str = "dataset", vectors=None, alpha: float | None = None,
+               layers: Any = "all", apply: str = "all", extract: str = "last", corrupt: str = "blank",
+               noise_seed: int = 0, batch_size: int = 16):
+    if level not in DEFAULT_ALPHA:
+      raise ValueError(f"cmrm level {level!r} unknown; expected 'dataset' or 'sample'")
+    cfg = model.config.text_config
+    if level == "dataset":
+      if vectors is None:
+        raise ValueError("dataset-level steering needs vectors (L, D)")
+      v = np.asarray(vectors, np.float32)
+      if v.shape != (cfg.num_hidden_layers, cfg.hidden_size):
+        raise ValueError(f"cmrm vectors shape {v.shape} != (decoder layers, hidden) = "
+                         f"({cfg.num_hidden_layers}, {cfg.hidden_size})")
+      self.vectors = v
+    self.model, self.level, self.layers, self.apply = model, level, layers, apply
+    self.alpha = DEFAULT_ALPHA[level] if alpha is None else float(alpha)
+    self.extract, self.corrupt, self.noise_seed, self.batch_size = extract, corrupt, noise_seed, batch_size
+    self._seen = 0
+
+  def vectors_for(self, prompts: Sequence[Any]) -> np.ndarray:
+    """(B, L, D) sample-level vectors for multimodal prompts (two prefills)."""
+    ht, hc = shift.extract_pairs(self.model, prompts, mode=self.extract, corrupt=self.corrupt,
+                                 noise_seed=self.noise_seed, batch_size=max(len(prompts), 1), start=self._seen)
+    self._seen += len(prompts)
+    return shift.sample_vectors(ht, hc)
+
+  def __call__(self, batch) -> Mapping[str, Any]:
+    v = self.vectors if self.level == "dataset" else self.vectors_for(batch.prompts)
+    return steer_kwargs(v, self.alpha, layers=self.layers, apply=self.apply,
+                        attention_mask_bt=batch.attention_mask)
+
+
+__all__ = ["APPLY_MODES", "DEFAULT_ALPHA", "layer_mask", "prompt_steer_mask", "steer_kwargs", "Steerer"]
