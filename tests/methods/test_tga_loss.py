@@ -169,3 +169,13 @@ def test_scan_masked_means_equal_returned_hidden_states():
       want = L.masked_mean(hs[k], jnp.asarray(masks[:, j]))
       np.testing.assert_allclose(np.asarray(L.select_layers(got, (k,))[:, 0, j]), np.asarray(want), rtol=1e-5,
                                  atol=1e-5)
+
+
+def test_empty_spans_give_finite_gradients():
+  # Text-only rows have all-zero means (empty image / retrieved / caption spans); they are excluded (m = 0) and
+  # must not turn the kept rows' gradient into NaN.
+  v, r, c, m = (jnp.asarray(x) for x in _data(4))
+  v = v.at[1].set(0.0)
+  c = c.at[1].set(0.0)
+  g = jax.grad(lambda v: L.aux_losses(v, r, c, m, 0.0, L.TGALossConfig(layers=(1, 2, 3)))["align"])(v)
+  assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g[0]).max()) > 0

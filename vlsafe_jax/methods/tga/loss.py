@@ -68,8 +68,10 @@ def cosine(a_xd: jax.Array, b_xd: jax.Array, eps: float = 1e-8) -> jax.Array:
   """
   a = a_xd.astype(jnp.float32)
   b = b_xd.astype(jnp.float32)
-  na = jnp.maximum(jnp.linalg.norm(a, axis=-1), eps)
-  nb = jnp.maximum(jnp.linalg.norm(b, axis=-1), eps)
+  # sqrt(max(|a|^2, eps^2)) == max(|a|, eps), but its gradient at a = 0 is 0 instead of NaN (norm's x / |x|):
+  # rows with an empty span have zero means and must not poison the gradient of the rows that are kept.
+  na = jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=-1), eps * eps))
+  nb = jnp.sqrt(jnp.maximum(jnp.sum(b * b, axis=-1), eps * eps))
   return jnp.sum(a * b, axis=-1) / (na * nb)
 
 
