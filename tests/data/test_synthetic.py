@@ -153,7 +153,22 @@ def test_zero_shot_split():
   zs = synthetic.ZeroShotShapes(size=12, image_size=24)
   labels = [zs[i]["label"] for i in range(12)]
   assert sorted(set(labels)) == list(range(len(zs.class_names)))
-  assert zs[0]["image"].shape == (24, 24, 3) and zs.prompts()[0] == "a photo of a circle."
+  assert zs[0]["image"].shape == (24, 24, 3)
+  # default split: the label is the background, prompts use the captions' phrasing "... on a <bg> background"
+  assert zs.class_names == tuple(synthetic.BACKGROUNDS)
+  assert zs.prompts() == [f"a picture of a {b} background" for b in synthetic.BACKGROUNDS]
+  bg_rgb = np.array(list(synthetic.BACKGROUNDS.values()), np.float32)
+  for i in range(12):
+    img = zs[i]["image"].astype(np.float32)
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])   # shapes rarely reach the border
+    nearest = np.argmin(np.linalg.norm(np.median(border, 0)[None] - bg_rgb, axis=1))
+    assert nearest == zs[i]["label"], i
+  np.testing.assert_array_equal(synthetic.ZeroShotShapes(size=12, image_size=24)[5]["image"], zs[5]["image"])
+  kind = synthetic.ZeroShotShapes(size=12, image_size=24, attribute="kind")
+  assert kind.class_names == synthetic.SHAPE_KINDS and kind.prompts()[0] == "a photo of a circle."
+  assert [kind[i]["label"] for i in range(6)] == list(range(6))
+  with pytest.raises(ValueError, match="unknown attribute 'colour'"):
+    synthetic.ZeroShotShapes(attribute="colour")
 
 
 def test_written_split_reads_back_identically(tmp_path):

@@ -170,13 +170,23 @@ def zeroshot_datasets(cfg) -> dict[str, tuple[Any, list[str], str]]:
   from vlsafe_jax.eval import zeroshot as zs
   out = {}
   if cfg.eval.synthetic_zeroshot:
-    src = synthetic.ZeroShotShapes(cfg.eval.zeroshot_size, seed=cfg.data.seed, image_size=cfg.data.image_size)
+    src = synthetic.ZeroShotShapes(cfg.eval.zeroshot_size, seed=cfg.data.seed, image_size=cfg.data.image_size,
+                                   attribute=cfg.eval.get("zeroshot_attribute", "background"))
     out["synthetic shapes"] = (src, list(src.class_names), src.template)
   for spec in cfg.eval.zeroshot_folders:
     name, _, path = spec.partition("=")
     if not path:
       raise ValueError(f"eval.zeroshot_folders entry {spec!r} must be 'Name=/path/to/class_folders'")
     src = zs.ImageFolder(path)
+    out[name] = (src, src.class_names, zs.template_for(name))
+  for spec in cfg.eval.get("zeroshot_tfds", ()):
+    # (name, path, split[, builder[, image_key[, label_key]]]); name picks the uwm.md §9.3 template
+    if isinstance(spec, str) or not 3 <= len(spec) <= 6:
+      raise ValueError(f"eval.zeroshot_tfds entry {spec!r} must be a tuple (name, path, split[, builder"
+                       f"[, image_key[, label_key]]]), path = a prepared tfds builder dir or a data_dir")
+    name, path, split, *rest = (str(v) for v in spec)
+    rest += ["", "image", "label"][len(rest):]
+    src = zs.TfdsSource(path, split, builder=rest[0], image_key=rest[1], label_key=rest[2])
     out[name] = (src, src.class_names, zs.template_for(name))
   return out
 
