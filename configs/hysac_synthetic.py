@@ -44,14 +44,14 @@ def get_config(arg=None):
 
   c.clip_stage = ml_collections.ConfigDict()
   c.clip_stage.batch_size = 64 if not smoke else 16      # quadruplets per step (= 128 image-text pairs)
-  c.clip_stage.epochs = 12 if not smoke else 2
+  c.clip_stage.epochs = 10 if not smoke else 2
   c.clip_stage.optim = ml_collections.ConfigDict(dict(lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
                                                       schedule="warmup_cosine", warmup_steps=50))
 
   c.hysac = ml_collections.ConfigDict()
   c.hysac.dtype = "float32"        # tower compute dtype (bf16 on accelerators); hyperbolic math is always float32
   c.hysac.batch_size_per_device = 64 if not smoke else 4   # smoke: 8 simulated test devices x 4
-  c.hysac.epochs = 4 if not smoke else 2
+  c.hysac.epochs = 5 if not smoke else 2
   c.hysac.steps = 0                # > 0 overrides epochs
   c.hysac.lora = ml_collections.ConfigDict(dict(
       rank=16, alpha=16.0, dropout=0.1, targets=("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")))
@@ -61,7 +61,8 @@ def get_config(arg=None):
                                                    freeze_logit_scale=False))
   c.hysac.loss = ml_collections.ConfigDict(dict(eta=1.0, entailment_lambda=1.0, weighting="reference",
                                                 negatives="local"))
-  c.hysac.optim = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.2,
+  # Synthetic-only choices (few steps): LoRA alpha = rank (scaling 1, not 1/16) and lr 5e-3 (not 1e-4).
+  c.hysac.optim = ml_collections.ConfigDict(dict(lr=5e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.2,
                                                  schedule="constant", warmup_steps=0))
 
   c.train = ml_collections.ConfigDict()

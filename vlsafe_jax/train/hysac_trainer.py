@@ -138,7 +138,9 @@ def build_hysac(clip: CLIP, *, options: hysac_model.HySACOptions, loss_cfg: loss
 def eval_model(setup: HySACSetup, params=None) -> hysac_model.HySAC:
   """A HySAC in eval mode (no dropout) with the given (default: current) trainable params, scalars clamped."""
   params = setup.state["params"] if params is None else params
-  model = nnx.merge(setup.graphdef, params, setup.frozen)   # jax arrays (the clamp below writes in place)
+  # jax arrays only: the clamp below writes in place, and host numpy copies (device_get) are read-only.
+  as_jax = lambda t: jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, t)
+  model = nnx.merge(setup.graphdef, as_jax(params), as_jax(setup.frozen))
   model.clamp_scalars_()
   model.eval()
   return model
