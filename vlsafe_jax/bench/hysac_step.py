@@ -391,6 +391,9 @@ def _parse(argv):
   p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
                  help="torch.compile forward + loss (default: the preset's; off on CPU for 'small')")
   p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads")
+  p.add_argument("--jax-single-thread", action="store_true",
+                 help="CPU: XLA's Eigen matmuls on one thread (--xla_cpu_multi_thread_eigen=false), to compare with "
+                      "--torch-threads 1 on an oversubscribed host; must act before JAX's backend starts")
   p.add_argument("--no-torch", action="store_true", help="time the JAX side only (no parity)")
   p.add_argument("--skip-parity", action="store_true")
   p.add_argument("--out", default="runs/bench/results.jsonl", help="JSON-lines file to append ('' = none)")
@@ -418,6 +421,10 @@ def _verdict(r: float, jax_worst: float, torch_best: float, tuned: bool, parity_
 
 def main(argv: list[str]) -> None:
   args = _parse(argv)
+  if args.jax_single_thread:
+    # XLA reads XLA_FLAGS when the backend starts (the jax.devices() call below, under `python -m
+    # vlsafe_jax.bench`); a backend started earlier in the process would silently ignore this.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
   spec = PRESETS[args.preset]
   on_gpu = jax.devices()[0].platform == "gpu"
   dtype_name = args.dtype or spec["dtype"]
@@ -509,7 +516,7 @@ def main(argv: list[str]) -> None:
         f"alpha 1 dropout 0.1, towers {dtype_name} / params float32; {flops_4n / 1e9:.3f} GFLOP per quadruplet (4N)")
   print(f"device {env['device_kind']} ({env['platform']}, {env['device_count']} visible), jax {env['jax']}, "
         f"flax {env['flax']}, torch {env.get('torch', '-')} ({env.get('torch_device', 'cpu')}, "
-        f"{env.get('torch_threads', '-')} threads); windows x steps = {windows} x {steps}")
+        f"{env.get('torch_threads', '-')} threads); XLA_FLAGS '{env['xla_flags']}'; windows x steps = {windows} x {steps}")
   print(perf.format_table(["side", "ms/step median", "min", "max", "quadruplets/s", "TFLOP/s (4N)",
                            "MFU 4N", "MFU 6N", "peak mem", "first step s"], rows))
   if parity is not None:
