@@ -473,12 +473,25 @@ def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     with jax.set_mesh(mesh):
       for stage in cfg.stages:
         train_stage(cfg, workdir, setting, model, variant, stage, writer, mesh)
+    save_final(cfg, model, setting["tokenizer"], workdir / "final" / variant)
     if cfg.get("evaluate", True):
       results[variant] = evaluate_variant(cfg, setting, model, variant)
   if results and jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(results, indent=2, default=float))
     print(format_results(results))
   return results
+
+
+def save_final(cfg, model: Llava, tokenizer, out_dir: Path) -> Path:
+  """The trained model as a converted LLaVA directory (``Llava.from_pretrained`` reads it; ``python -m
+  checkpoints_convert llava-export`` turns it into HF files). Synthetic runs also store their word vocabulary."""
+  if jax.process_index() != 0:
+    return out_dir
+  if cfg.data.kind == "synthetic":
+    from vlsafe_jax.data import synthetic_vlm
+    return synthetic_vlm.save(model, tokenizer, out_dir, {"kind": "tga_synthetic_final"})
+  from checkpoints_convert import llava as convert
+  return convert.save_converted(model, out_dir, src=cfg.model.path or None)
 
 
 def format_results(results: Mapping[str, Any]) -> str:
@@ -499,5 +512,5 @@ def format_results(results: Mapping[str, Any]) -> str:
 
 __all__ = ["embed_rows", "caption_means", "forward_terms", "trainable_filter", "make_train_step", "TGASetup",
            "build_stage", "merge_params", "step_flops", "TGASource", "file_image_fn", "read_rows",
-           "heldout_metrics", "safety_eval", "loss_config", "load_setting", "train_stage", "evaluate_variant",
+           "heldout_metrics", "safety_eval", "loss_config", "save_final", "load_setting", "train_stage", "evaluate_variant",
            "run", "format_results", "VARIANTS"]
