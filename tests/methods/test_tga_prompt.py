@@ -110,7 +110,7 @@ def test_collate_masks_exclude_padding(tok):
   c = TP.build_finetune(tok, [{"from": "human", "value": "what"}, {"from": "gpt", "value": "cat"}], caption=None,
                         retrieved=None, has_image=False, num_image_tokens=N, image_token_index=IMG)
   t = max(len(e.input_ids) for e in (a, b, c)) + 3
-  out = TP.collate([a, b, c], PAD, max_length=t, ref_max_length=40)
+  out = TP.collate([a, b, c], PAD, max_length=t, ref_max_length=80)
   for i, ex in enumerate((a, b, c)):
     n = len(ex.input_ids)
     assert out["attention_mask"][i].sum() == n
@@ -122,6 +122,7 @@ def test_collate_masks_exclude_padding(tok):
     assert np.all(out["labels"][i, n:] == -100)
   np.testing.assert_array_equal(out["ref_ids"][0][out["caption_mask"][0] > 0], _ids(tok, "red cat on mat"))
   np.testing.assert_array_equal(out["aux_weight"], [1, 0, 0])
+  np.testing.assert_array_equal(out["diag_weight"], [1, 1, 0])      # logged cosines: every captioned image row
   np.testing.assert_array_equal(out["has_image"], [1, 1, 0])
   with pytest.raises(ValueError, match="'0'.*image or retrieved"):
     TP.collate([a], PAD, max_length=6, ref_max_length=40)

@@ -87,7 +87,7 @@ def make_batch(cfg: LV.LlavaConfig, p: dict, batch: int, seed: int = 0) -> dict[
   return {"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int32), "labels": labels,
           "retrieved_mask": (seg == 1).astype(np.float32), "image_mask": (seg == 2).astype(np.float32),
           "ref_ids": ref, "ref_attention_mask": np.ones(ref.shape, np.int32), "caption_mask": cap,
-          "aux_weight": np.ones((batch,), np.float32),
+          "aux_weight": np.ones((batch,), np.float32), "diag_weight": np.ones((batch,), np.float32),
           "pixels": rs.randn(batch, size, size, 3).astype(np.float32)}
 
 

@@ -85,7 +85,7 @@ def forward_terms(model: Llava, batch: Mapping[str, jax.Array], rho, cfg: loss_l
                                        hidden_masks_bmt=masks_bmt)
   means = loss_lib.select_layers(ex["hidden_masked_means"], cfg.layers)        # (B, |L|, 2, D)
   return loss_lib.tga_loss(logits, batch["labels"], means[:, :, 1], means[:, :, 0], c_bld, batch["aux_weight"],
-                           rho, cfg)
+                           rho, cfg, batch.get("diag_weight"))
 
 
 def trainable_filter(stage: str):
@@ -122,7 +122,7 @@ def make_train_step(graphdef, loss_cfg: loss_lib.TGALossConfig, tx: optax.Gradie
     raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
   repl = NamedSharding(mesh, P())
   keys = [k for k in ("input_ids", "attention_mask", "labels", "retrieved_mask", "image_mask", "ref_ids",
-                      "ref_attention_mask", "caption_mask", "aux_weight", "pixels")]
+                      "ref_attention_mask", "caption_mask", "aux_weight", "diag_weight", "pixels")]
 
   def loss_fn(params, frozen, batch, rho):
     model = nnx.merge(graphdef, params, frozen)

@@ -105,7 +105,7 @@ def decay_weights(rho: jax.Array | float, cfg: TGALossConfig) -> tuple[jax.Array
 
 
 def aux_losses(v_bld: jax.Array, r_bld: jax.Array, c_bld: jax.Array, m_b: jax.Array, rho: jax.Array | float,
-               cfg: TGALossConfig) -> dict[str, jax.Array]:
+               cfg: TGALossConfig, diag_b: jax.Array | None = None) -> dict[str, jax.Array]:
   """The two auxiliary terms and their diagnostics.
 
   Args:
@@ -113,9 +113,11 @@ def aux_losses(v_bld: jax.Array, r_bld: jax.Array, c_bld: jax.Array, m_b: jax.Ar
     m_b: (B,) 0/1 participation of each row.
     rho: training progress in [0, 1] (scalar).
     cfg: :class:`TGALossConfig`.
+    diag_b: (B,) rows averaged in the diagnostics (default ``m_b``); e.g. every image row with a caption, so a
+      baseline without retrieved text / aux terms still logs cos(v, c).
   Returns: dict with scalars ``align``, ``pairwise`` (weighted and decayed), ``align_raw``/``pairwise_raw``
-    (unweighted normalised sums), and per-layer diagnostics ``cos_vc_l``/``cos_rc_l`` (L,) = mean over included
-    rows of cos(v, c) / cos(r, c) (0 when no row is included).
+    (unweighted normalised sums), and per-layer diagnostics ``cos_vc_l``/``cos_rc_l`` (L,) = mean over the
+    ``diag_b`` rows of cos(v, c) / cos(r, c) (0 when there is none).
   """
   m = m_b.astype(jnp.float32)
   c = jax.lax.stop_gradient(c_bld)
@@ -135,8 +137,9 @@ def aux_losses(v_bld: jax.Array, r_bld: jax.Array, c_bld: jax.Array, m_b: jax.Ar
   align, pairwise = w_al * al_raw, w_pw * pw_raw
   if cfg.mode == "torch_parity":
     align, pairwise = jax.lax.stop_gradient(align), jax.lax.stop_gradient(pairwise)
-  n_in = jnp.maximum(m.sum(), 1.0)
-  diag = lambda x_bl: jax.lax.stop_gradient(jnp.sum(x_bl * m[:, None], axis=0) / n_in)
+  d = m if diag_b is None else diag_b.astype(jnp.float32)
+  n_in = jnp.maximum(d.sum(), 1.0)
+  diag = lambda x_bl: jax.lax.stop_gradient(jnp.sum(jnp.where(d[:, None] > 0, x_bl, 0.0), axis=0) / n_in)
   return {"align": align, "pairwise": pairwise, "align_raw": jax.lax.stop_gradient(al_raw),
           "pairwise_raw": jax.lax.stop_gradient(pw_raw), "cos_vc_l": diag(cos_vc_bl), "cos_rc_l": diag(cos_rc_bl),
           "w_align": w_al, "w_pairwise": w_pw}
@@ -165,10 +168,11 @@ def lm_loss(logits_btv: jax.Array, labels_bt: jax.Array, ignore_index: int = IGN
 
 
 def tga_loss(logits_btv: jax.Array, labels_bt: jax.Array, v_bld: jax.Array, r_bld: jax.Array, c_bld: jax.Array,
-             m_b: jax.Array, rho: jax.Array | float, cfg: TGALossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+             m_b: jax.Array, rho: jax.Array | float, cfg: TGALossConfig, diag_b: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total ``L = L_CE + L_al + L_pw`` and every term (see :func:`aux_losses`, :func:`lm_loss`)."""
   ce, n_tok, n_correct = lm_loss(logits_btv, labels_bt)
-  aux = aux_losses(v_bld, r_bld, c_bld, m_b, rho, cfg)
+  aux = aux_losses(v_bld, r_bld, c_bld, m_b, rho, cfg, diag_b)
   total = ce + aux["align"] + aux["pairwise"]
   return total, {"ce": ce, "n_tokens": n_tok, "n_correct": n_correct, **aux}
 

@@ -219,7 +219,8 @@ def collate(examples: Sequence[TrainExample], pad_id: int, *, max_length: int, r
 
   Returns int32 arrays ``input_ids``, ``attention_mask``, ``labels``, ``segment_ids`` (B, T), float32
   ``retrieved_mask``, ``image_mask`` (B, T), ``ref_ids``, ``ref_attention_mask`` (B, T_ref), ``caption_mask``
-  (B, T_ref) and float32 ``aux_weight``, ``has_image`` (B,).
+  (B, T_ref) and float32 ``aux_weight`` (m_b), ``diag_weight`` (rows with an image and a caption: logged cosines),
+  ``has_image`` (B,).
 
   Too-long rows: the tail is cut (losing answer tokens, as LLaVA's ``model_max_length``), but a cut through the
   image or retrieved span is an error naming the row; a cut caption keeps its first ``ref_max_length`` tokens.
@@ -233,6 +234,7 @@ def collate(examples: Sequence[TrainExample], pad_id: int, *, max_length: int, r
   out["ref_attention_mask"] = np.zeros((b, ref_max_length), np.int32)
   ref_segs = np.full((b, ref_max_length), SEG_PAD, np.int32)
   out["aux_weight"] = np.zeros((b,), np.float32)
+  out["diag_weight"] = np.zeros((b,), np.float32)
   out["has_image"] = np.zeros((b,), np.float32)
   for i, ex in enumerate(examples):
     n = len(ex.input_ids)
@@ -252,6 +254,7 @@ def collate(examples: Sequence[TrainExample], pad_id: int, *, max_length: int, r
     ref_segs[i, :k] = ex.ref_segment_ids[:k]
     caption_kept = bool(np.any(ref_segs[i] == SEG_CAPTION))
     out["aux_weight"][i] = float(ex.aux and caption_kept)
+    out["diag_weight"][i] = float(ex.has_image and caption_kept)
     out["has_image"][i] = float(ex.has_image)
   out["retrieved_mask"] = (out["segment_ids"] == SEG_RETRIEVED).astype(np.float32)
   out["image_mask"] = (out["segment_ids"] == SEG_IMAGE).astype(np.float32)
