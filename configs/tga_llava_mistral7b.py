@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.variants = ("tga",)
   c.stages = ("pretrain", "finetune")
   c.evaluate = True
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1))   # ZeRO-3-like: params + Adam state split 8 ways
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, model=1))   # ZeRO-3-like; model>1 adds tensor parallelism
 
   c.model = ml_collections.ConfigDict(dict(path=""))
 

@@ -21,7 +21,7 @@ def get_config(arg=None):
   c.variants = ("tga", "plain")
   c.stages = ("pretrain", "finetune")
   c.evaluate = True
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""                    # synthetic: the base below

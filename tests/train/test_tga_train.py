@@ -129,11 +129,12 @@ def _one_step(cfg, batch, mesh, accum=1, stage="finetune"):
 def test_sharded_accumulated_step_equals_single_device(tiny):
   _, cfg, batch = tiny
   p1, m1 = _one_step(cfg, batch, sharding.make_mesh(data=1, devices=jax.devices()[:1]))
-  # 8 devices (data 2 x fsdp 4: batch split and parameters sharded) with 2 accumulated micro-batches. _split_micro
+  # 8 devices (data 2 x fsdp 2 x model 2: batch split, parameters FSDP- and tensor-sharded) with 2 accumulated
+  # micro-batches. _split_micro
   # puts rows {2i + a} in micro-batch a, so repeating every row twice makes each micro-batch exactly `batch`:
   # the accumulated mean of the two equal micro-batch gradients equals the single-device full-batch gradient.
   doubled = {k: np.repeat(v, 2, axis=0) for k, v in batch.items()}
-  p8, m8 = _one_step(cfg, doubled, sharding.make_mesh(data=2, fsdp=4), accum=2)
+  p8, m8 = _one_step(cfg, doubled, sharding.make_mesh(data=2, fsdp=2, model=2), accum=2)
   for k in ("loss", "ce", "align", "pairwise", "cos_vc_l2", "grad_norm"):
     np.testing.assert_allclose(m8[k], m1[k], rtol=TOL, atol=TOL, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p8, p1)

@@ -118,8 +118,12 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, wd_mask: 
 # --------------------------------------------------------------------------------------------------------------
 
 def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
-  """``('data', 'fsdp', 'model')`` mesh over all visible devices from ``cfg.mesh.{data,fsdp}``."""
-  return sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp)
+  """``('data', 'fsdp', 'model')`` mesh over all visible devices from ``cfg.mesh.{data,fsdp,model}``.
+
+  ``model`` > 1 turns on tensor parallelism (MLP hidden units, heads and vocabulary split by the logical table in
+  ``vlsafe_jax/sharding.py``); the batch is split over ``data`` x ``fsdp`` only.
+  """
+  return sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, model=cfg.mesh.get("model", 1))
 
 
 def pure_shardings(state: nnx.State, mesh: Mesh) -> Any:
