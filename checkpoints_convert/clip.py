@@ -22,10 +22,9 @@ import numpy as np
 from flax import nnx
 
 from checkpoints_convert.mapping import KeyMap, Rule, Transform, export_tensors, load_state
-from checkpoints_convert.safetensors_io import (CheckpointFormatError, SafetensorsFile, open_hf_weights,
-                                                save_safetensors)
+from checkpoints_convert.safetensors_io import (MARKER, CheckpointFormatError, SafetensorsFile, has_format,
+                                                open_hf_weights, parse_config, save_safetensors)
 
-MARKER = "vlsafe_jax.json"
 FORMAT = "vlsafe_jax.clip"
 FLAX_WEIGHTS = "flax_model.safetensors"
 # Tokenizer / processor files carried along by convert and export so the output directory is self-contained.
@@ -67,18 +66,11 @@ IDENTITY_KEYMAP = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
 
 def _read_config(directory: Path):
   from vlsafe_jax.models.clip import CLIPConfig
-  cfg_path = directory / "config.json"
-  if not cfg_path.exists():
-    raise CheckpointFormatError(f"{directory}: no config.json (needed to build the CLIP architecture)")
-  try:
-    return CLIPConfig.from_hf(json.loads(cfg_path.read_text()))
-  except (json.JSONDecodeError, TypeError, ValueError) as e:
-    raise CheckpointFormatError(f"{cfg_path}: {e}") from e
+  return parse_config(directory, CLIPConfig.from_hf, "CLIP")
 
 
 def is_converted(directory: str | os.PathLike) -> bool:
-  marker = Path(directory) / MARKER
-  return marker.exists() and json.loads(marker.read_text()).get("format") == FORMAT
+  return has_format(directory, FORMAT)
 
 
 def abstract_clip(config, *, dtype=jnp.float32, param_dtype=jnp.float32):

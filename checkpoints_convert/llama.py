@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints_convert.mapping import (KeyMap, Rule, Transform, _is_float, flat_abstract, path_str,
-                                         plan_import)
-from checkpoints_convert.safetensors_io import CheckpointFormatError, open_hf_weights, save_safetensors
+from checkpoints_convert.mapping import KeyMap, Rule, Transform, _is_float, flat_abstract, plan_import
+from checkpoints_convert.safetensors_io import MARKER, has_format, open_hf_weights, parse_config, save_safetensors
 
 _PLACEHOLDERS = {
     "i": r"\d+",
@@ -159,16 +158,7 @@ def export_llama_tensors(state: nnx.State, dtype: Any = None, keymap: KeyMap = L
 def read_config(directory: str | os.PathLike):
   """``LlamaConfig`` from ``directory/config.json`` (plain causal LM, or a LLaVA config's ``text_config``)."""
   from vlsafe_jax.models.llama import LlamaConfig
-  cfg_path = Path(directory) / "config.json"
-  if not cfg_path.exists():
-    raise CheckpointFormatError(f"{directory}: no config.json (needed to build the decoder architecture)")
-  try:
-    d = json.loads(cfg_path.read_text())
-    if "text_config" in d:
-      d = d["text_config"]
-    return LlamaConfig.from_hf(d)
-  except (json.JSONDecodeError, TypeError, ValueError) as e:
-    raise CheckpointFormatError(f"{cfg_path}: {e}") from e
+  return parse_config(directory, lambda d: LlamaConfig.from_hf(d.get("text_config", d)), "decoder")
 
 
 def abstract_llama(config, *, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -212,13 +202,12 @@ def load_llama(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype
   return nnx.merge(graphdef, state)
 
 
-MARKER, FORMAT, FLAX_WEIGHTS = "vlsafe_jax.json", "vlsafe_jax.llama", "flax_model.safetensors"
+FORMAT, FLAX_WEIGHTS = "vlsafe_jax.llama", "flax_model.safetensors"
 
 
 def is_converted(directory: str | os.PathLike) -> bool:
   """True for a directory written by :func:`save_converted` (``python -m checkpoints_convert llama``)."""
-  marker = Path(directory) / MARKER
-  return marker.exists() and json.loads(marker.read_text()).get("format") == FORMAT
+  return has_format(directory, FORMAT)
 
 
 def save_converted(model, dst: str | os.PathLike, *, src: str | os.PathLike | None = None) -> Path:

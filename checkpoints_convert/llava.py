@@ -31,10 +31,9 @@ from flax import nnx
 
 from checkpoints_convert.llama import export_llama_tensors, load_llama_state
 from checkpoints_convert.mapping import ConversionError, KeyMap, Rule, Transform, export_tensors, load_state
-from checkpoints_convert.safetensors_io import (CheckpointFormatError, SafetensorsFile, open_hf_weights,
-                                                save_safetensors)
+from checkpoints_convert.safetensors_io import (MARKER, CheckpointFormatError, SafetensorsFile, has_format,
+                                                open_hf_weights, parse_config, save_safetensors)
 
-MARKER = "vlsafe_jax.json"
 FORMAT = "vlsafe_jax.llava"
 FLAX_WEIGHTS = "flax_model.safetensors"
 STACKED_PREFIX = "language_model.model.layers."
@@ -132,18 +131,11 @@ class NormalisedSource:
 def read_config(directory: str | os.PathLike):
   """``LlavaConfig`` from ``directory/config.json``."""
   from vlsafe_jax.models.llava import LlavaConfig
-  cfg_path = Path(directory) / "config.json"
-  if not cfg_path.exists():
-    raise CheckpointFormatError(f"{directory}: no config.json (needed to build the LLaVA architecture)")
-  try:
-    return LlavaConfig.from_hf(json.loads(cfg_path.read_text()))
-  except (json.JSONDecodeError, TypeError, ValueError) as e:
-    raise CheckpointFormatError(f"{cfg_path}: {e}") from e
+  return parse_config(directory, LlavaConfig.from_hf, "LLaVA")
 
 
 def is_converted(directory: str | os.PathLike) -> bool:
-  marker = Path(directory) / MARKER
-  return marker.exists() and json.loads(marker.read_text()).get("format") == FORMAT
+  return has_format(directory, FORMAT)
 
 
 def abstract_llava(config, *, dtype=jnp.float32, param_dtype=jnp.float32):

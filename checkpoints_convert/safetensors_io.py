@@ -43,6 +43,33 @@ class CheckpointFormatError(ValueError):
   """A checkpoint file is missing, truncated or malformed; the message names the file."""
 
 
+# Marker file of every converted (Flax-layout) directory: {"format": "vlsafe_jax.<family>", ...}.
+MARKER = "vlsafe_jax.json"
+
+
+def parse_config(directory: str | os.PathLike, parse, what: str):
+  """``parse(dict)`` of ``directory/config.json``; missing or malformed files raise a named error.
+
+  Args:
+    directory: checkpoint directory.
+    parse: e.g. ``CLIPConfig.from_hf``; its ``TypeError``/``ValueError`` are reported with the file name.
+    what: the architecture being built, for the message ("CLIP", "LLaVA", ...).
+  """
+  cfg_path = Path(directory) / "config.json"
+  if not cfg_path.exists():
+    raise CheckpointFormatError(f"{directory}: no config.json (needed to build the {what} architecture)")
+  try:
+    return parse(json.loads(cfg_path.read_text()))
+  except (json.JSONDecodeError, TypeError, ValueError) as e:
+    raise CheckpointFormatError(f"{cfg_path}: {e}") from e
+
+
+def has_format(directory: str | os.PathLike, fmt: str) -> bool:
+  """True for a converted directory whose marker names format ``fmt``."""
+  marker = Path(directory) / MARKER
+  return marker.exists() and json.loads(marker.read_text()).get("format") == fmt
+
+
 class SafetensorsFile:
   """One memory-mapped ``.safetensors`` file: header parsed eagerly, tensors read lazily."""
 

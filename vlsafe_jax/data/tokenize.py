@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path

@@ -25,7 +25,6 @@ Model code never reads files: ``CLIP.from_pretrained`` delegates to ``checkpoint
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 

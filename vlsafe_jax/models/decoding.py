@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,7 @@ Model code never reads files: ``Llava.from_pretrained`` delegates to ``checkpoin
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax

@@ -9,7 +9,6 @@ metrics)`` step: one trace, state donated, ``out_shardings`` pinned.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
