@@ -86,6 +86,36 @@ def _build(preset: str, dtype, want_torch: bool, torch_device: str):
   return nnx.merge(graphdef, state), hf, cfg
 
 
+
+def decode_rows(results, b: int, p_len: int, n_new: int, text_cfg, bytes_per: int):
+  """Table rows for one batch size from ``{side: (prefill, generate(n_new), generate(1)) Timings}``.
+
+  Decode rate = ``b * (n_new - 1) / (t(generate n_new) - t(generate 1))``, which cancels the prefill and the first
+  token (robust to prefill noise); at batch 1 the achieved weight+KV bandwidth is added (vs the device peak when
+  known). Returns ``(rows, [(side, prefill, generate, generate1, tok_s, bytes_per_s)])``; JAX/torch-eager ratio rows
+  close the list when both sides ran. Shared by the ``llama`` and ``llava`` benchmarks.
+  """
+  rows, measured = [], []
+  for side, (tp, tg, t1) in results.items():
+    decode_s = tg.median - t1.median
+    tok_s = b * (n_new - 1) / decode_s if decode_s > 0 else float("nan")   # nan: noise swamped the decode
+    row = [side, b, p_len, n_new, tp.median * 1e3, b * p_len / tp.median, tg.median, tok_s]
+    bw = None
+    if b == 1:
+      bw = L.llama_decode_bytes(text_cfg, p_len + n_new // 2, bytes_per) * tok_s
+      peak = perf.device_peak()
+      row.append(f"{bw / 1e9:.2f} GB/s" + (f" ({bw / (peak[1] * 1e12):.0%} of peak)" if peak else ""))
+    else:
+      row.append("")
+    rows.append(row)
+    measured.append((side, tp, tg, t1, tok_s, bw))
+  if "torch eager" in results and "jax" in results:
+    (jp, jg, j1), (tp_, tg_, t1_) = results["jax"], results["torch eager"]
+    ratio = (tg_.median - t1_.median) / (jg.median - j1.median)
+    rows.append(["ratio decode (JAX / torch eager)", b, "", "", "", "", "", f"{ratio:.2f}x", ""])
+    rows.append(["ratio prefill (JAX / torch eager)", b, "", "", "", "", "", f"{tp_.median / jp.median:.2f}x", ""])
+  return rows, measured
+
 def main(argv: list[str]) -> None:
   args = _parse(argv)
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -146,30 +176,15 @@ def main(argv: list[str]) -> None:
         results["torch static+compile"] = (tp, t_generate(n_new, cache_implementation="static"),
                                            t_generate(1, cache_implementation="static"))
         hf.forward = type(hf).forward.__get__(hf)
-    for side, (tp, tg, t1) in results.items():
-      decode_s = tg.median - t1.median
-      tok_s = b * (n_new - 1) / decode_s if decode_s > 0 else float("nan")   # nan: noise swamped the decode
-      row = [side, b, p_len, n_new, tp.median * 1e3, b * p_len / tp.median, tg.median, tok_s]
-      bw = None
-      if b == 1:
-        bw = L.llama_decode_bytes(cfg, p_len + n_new // 2, bytes_per) * tok_s
-        peak = perf.device_peak()
-        row.append(f"{bw / 1e9:.2f} GB/s" + (f" ({bw / (peak[1] * 1e12):.0%} of peak)" if peak else ""))
-      else:
-        row.append("")
-      rows.append(row)
+    new_rows, measured = decode_rows(results, b, p_len, n_new, cfg, bytes_per)
+    rows.extend(new_rows)
+    for side, tp, tg, t1, tok_s, bw in measured:
       records.append({"workload": "W6/W7 llama decoder", "side": side, "preset": args.preset, "dtype": args.dtype,
                       "batch": b, "prompt_len": p_len, "new_tokens": n_new, "prefill_s": tp.median,
                       "prefill_windows": tp.window_s, "generate_s": tg.median, "generate_windows": tg.window_s,
                       "generate1_s": t1.median, "generate1_windows": t1.window_s,
                       "compile_s": tg.compile_s, "decode_tok_s": tok_s, "decode_bytes_s": bw,
                       "weights": "random", **env})
-    if "torch eager" in results:
-      _, tg_t, t1_t = results["torch eager"]
-      ratio = (tg_t.median - t1_t.median) / (t_gen.median - t_one.median)
-      rows.append(["ratio decode (JAX / torch eager)", b, "", "", "", "", "", f"{ratio:.2f}x", ""])
-      rows.append(["ratio prefill (JAX / torch eager)", b, "", "", "", "", "",
-                   f"{results['torch eager'][0].median / t_pre.median:.2f}x", ""])
   print(f"device: {env['device_kind']} ({env['platform']}, {env['device_count']} device(s)); jax {env['jax']}, "
         f"torch {env.get('torch', '-')} on {torch_device}; preset {args.preset}, {args.dtype}, random weights")
   print(perf.format_table(["side", "batch", "prompt", "new", "prefill ms", "prefill tok/s", "generate s",

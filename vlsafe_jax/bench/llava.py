@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from vlsafe_jax import perf
+from vlsafe_jax.bench.llama import decode_rows
 from vlsafe_jax.models import llama as L
 from vlsafe_jax.models import llava as LV
 from vlsafe_jax.models.clip import CLIPVisionConfig
@@ -185,30 +186,15 @@ def main(argv: list[str]) -> None:
         results["torch static+compile"] = (tp, t_generate(n_new, cache_implementation="static"),
                                            t_generate(1, cache_implementation="static"))
         lm.forward = type(lm).forward.__get__(lm)
-    for side, (tp, tg, t1) in results.items():
-      decode_s = tg.median - t1.median
-      tok_s = b * (n_new - 1) / decode_s if decode_s > 0 else float("nan")   # nan: noise swamped the decode
-      row = [side, b, p_len, n_new, tp.median * 1e3, b * p_len / tp.median, tg.median, tok_s]
-      bw = None
-      if b == 1:
-        bw = L.llama_decode_bytes(cfg.text_config, p_len + n_new // 2, bytes_per) * tok_s
-        peak = perf.device_peak()
-        row.append(f"{bw / 1e9:.2f} GB/s" + (f" ({bw / (peak[1] * 1e12):.0%} of peak)" if peak else ""))
-      else:
-        row.append("")
-      rows.append(row)
+    new_rows, measured = decode_rows(results, b, p_len, n_new, cfg.text_config, bytes_per)
+    rows.extend(new_rows)
+    for side, tp, tg, t1, tok_s, bw in measured:
       records.append({"workload": "W6/W7 llava", "side": side, "preset": args.preset, "dtype": dtype_name,
                       "batch": b, "prompt_len": p_len, "image_tokens": n_img, "new_tokens": n_new,
                       "prefill_s": tp.median, "prefill_windows": tp.window_s, "generate_s": tg.median,
                       "generate_windows": tg.window_s, "generate1_s": t1.median, "generate1_windows": t1.window_s,
                       "compile_s": tg.compile_s, "decode_tok_s": tok_s, "decode_bytes_s": bw,
                       "prefill_flops": b * LV.llava_prefill_flops(cfg, p_len - n_img), "weights": "random", **env})
-    if "torch eager" in results:
-      _, tg_t, t1_t = results["torch eager"]
-      ratio = (tg_t.median - t1_t.median) / (t_gen.median - t_one.median)
-      rows.append(["ratio decode (JAX / torch eager)", b, "", "", "", "", "", f"{ratio:.2f}x", ""])
-      rows.append(["ratio prefill (JAX / torch eager)", b, "", "", "", "", "",
-                   f"{results['torch eager'][0].median / t_pre.median:.2f}x", ""])
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
   for r in records:
     r["host_load_avg_1m"] = None if load is None else load[0]
