@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints_convert.mapping import KeyMap, Rule, Transform, export_tensors, load_state
-from checkpoints_convert.safetensors_io import (MARKER, CheckpointFormatError, SafetensorsFile, has_format,
-                                                open_hf_weights, parse_config, save_safetensors)
+from checkpoints_convert.mapping import IDENTITY_KEYMAP, KeyMap, Rule, Transform, export_tensors, load_state
+from checkpoints_convert.safetensors_io import (MARKER, converted_weights, has_format, open_hf_weights, parse_config,
+                                                save_safetensors)
 
 FORMAT = "vlsafe_jax.clip"
 FLAX_WEIGHTS = "flax_model.safetensors"
@@ -60,8 +60,6 @@ CLIP_RULES = (
 CLIP_IGNORE = (r"(^|\.)position_ids$",)
 
 CLIP_KEYMAP = KeyMap(CLIP_RULES, _PLACEHOLDERS, CLIP_IGNORE)
-# Converted directories store nnx paths verbatim: the identity table still gets the full shape/coverage check.
-IDENTITY_KEYMAP = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
 
 
 def _read_config(directory: Path):
@@ -97,11 +95,7 @@ def load_clip(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype:
   graphdef, abs_state = abstract_clip(config, dtype=dtype,
                                       param_dtype=param_dtype if param_dtype is not None else jnp.float32)
   if is_converted(d):
-    meta = json.loads((d / MARKER).read_text())
-    wpath = d / meta.get("weights", FLAX_WEIGHTS)
-    if not wpath.exists():
-      raise CheckpointFormatError(f"{d}: converted directory lacks its weights file {wpath.name}")
-    source, keymap = SafetensorsFile(wpath), IDENTITY_KEYMAP
+    source, keymap = converted_weights(d, FLAX_WEIGHTS), IDENTITY_KEYMAP
   else:
     source, keymap = open_hf_weights(d), CLIP_KEYMAP
   shardings = None

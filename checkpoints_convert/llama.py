@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints_convert.mapping import KeyMap, Rule, Transform, _is_float, flat_abstract, plan_import
-from checkpoints_convert.safetensors_io import MARKER, has_format, open_hf_weights, parse_config, save_safetensors
+from checkpoints_convert.mapping import (IDENTITY_KEYMAP, KeyMap, Rule, Transform, _is_float, flat_abstract,
+                                         plan_import)
+from checkpoints_convert.safetensors_io import (MARKER, converted_weights, has_format, open_hf_weights, parse_config,
+                                                save_safetensors)
 
 _PLACEHOLDERS = {
     "i": r"\d+",
@@ -189,9 +191,7 @@ def load_llama(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype
     shardings = sharding.state_shardings(abs_state, mesh)
   if is_converted(d):
     from checkpoints_convert.mapping import load_state
-    from checkpoints_convert.safetensors_io import SafetensorsFile
-    identity = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
-    state = load_state(identity, SafetensorsFile(d / FLAX_WEIGHTS), abs_state, source_name=str(d),
+    state = load_state(IDENTITY_KEYMAP, converted_weights(d, FLAX_WEIGHTS), abs_state, source_name=str(d),
                        param_dtype=param_dtype, shardings=shardings, progress=progress)
     return nnx.merge(graphdef, state)
   source = open_hf_weights(d)
@@ -215,8 +215,7 @@ def save_converted(model, dst: str | os.PathLike, *, src: str | os.PathLike | No
   from checkpoints_convert.mapping import export_tensors
   dst = Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
-  identity = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
-  save_safetensors(dst / FLAX_WEIGHTS, export_tensors(identity, nnx.state(model, nnx.Param)),
+  save_safetensors(dst / FLAX_WEIGHTS, export_tensors(IDENTITY_KEYMAP, nnx.state(model, nnx.Param)),
                    metadata={"format": FORMAT})
   if src is not None and (Path(src) / "config.json").exists() and Path(src).resolve() != dst.resolve():
     import shutil

@@ -30,9 +30,10 @@ import numpy as np
 from flax import nnx
 
 from checkpoints_convert.llama import export_llama_tensors, load_llama_state
-from checkpoints_convert.mapping import ConversionError, KeyMap, Rule, Transform, export_tensors, load_state
-from checkpoints_convert.safetensors_io import (MARKER, CheckpointFormatError, SafetensorsFile, has_format,
-                                                open_hf_weights, parse_config, save_safetensors)
+from checkpoints_convert.mapping import (IDENTITY_KEYMAP, ConversionError, KeyMap, Rule, Transform, export_tensors,
+                                         load_state)
+from checkpoints_convert.safetensors_io import (MARKER, converted_weights, has_format, open_hf_weights, parse_config,
+                                                save_safetensors)
 
 FORMAT = "vlsafe_jax.llava"
 FLAX_WEIGHTS = "flax_model.safetensors"
@@ -89,7 +90,6 @@ LLAVA_IGNORE = (r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$")
 LLAVA_KEYMAP = KeyMap(LLAVA_RULES, _PLACEHOLDERS, LLAVA_IGNORE)
 # Tied decoders have no lm_head parameter; a stored copy of the tied matrix is then ignored.
 _TIED_KEYMAP = KeyMap(LLAVA_RULES, _PLACEHOLDERS, LLAVA_IGNORE + (r"^language_model\.lm_head\.weight$",))
-IDENTITY_KEYMAP = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
 
 
 def canonical_key(key: str) -> str:
@@ -187,11 +187,7 @@ def load_llava(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype
     from vlsafe_jax import sharding
     shardings = sharding.state_shardings(abs_state, mesh)
   if is_converted(d):
-    meta = json.loads((d / MARKER).read_text())
-    wpath = d / meta.get("weights", FLAX_WEIGHTS)
-    if not wpath.exists():
-      raise CheckpointFormatError(f"{d}: converted directory lacks its weights file {wpath.name}")
-    state = load_state(IDENTITY_KEYMAP, SafetensorsFile(wpath), abs_state, source_name=str(d),
+    state = load_state(IDENTITY_KEYMAP, converted_weights(d, FLAX_WEIGHTS), abs_state, source_name=str(d),
                        param_dtype=param_dtype, shardings=shardings, progress=progress)
   else:
     state = load_llava_state(open_hf_weights(d), abs_state, config, source_name=str(d), param_dtype=param_dtype,

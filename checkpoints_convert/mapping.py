@@ -252,5 +252,9 @@ def export_tensors(keymap: KeyMap, state: nnx.State, dtype: Any = None) -> Itera
     yield key, _contig(tf.inverse(arr))
 
 
-__all__ = ["Transform", "Rule", "KeyMap", "ConversionError", "plan_import", "load_state", "export_tensors",
+# Converted directories store nnx paths verbatim: the identity table still gets the full shape/coverage check.
+IDENTITY_KEYMAP = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
+
+
+__all__ = ["Transform", "Rule", "KeyMap", "IDENTITY_KEYMAP", "ConversionError", "plan_import", "load_state", "export_tensors",
            "flat_abstract", "path_str"]

@@ -70,6 +70,15 @@ def has_format(directory: str | os.PathLike, fmt: str) -> bool:
   return marker.exists() and json.loads(marker.read_text()).get("format") == fmt
 
 
+def converted_weights(directory: str | os.PathLike, default_name: str) -> "SafetensorsFile":
+  """The Flax-layout weights file of a converted directory (named in its marker, else ``default_name``)."""
+  d = Path(directory)
+  name = json.loads((d / MARKER).read_text()).get("weights", default_name)
+  if not (d / name).exists():
+    raise CheckpointFormatError(f"{d}: converted directory lacks its weights file {name}")
+  return SafetensorsFile(d / name)
+
+
 class SafetensorsFile:
   """One memory-mapped ``.safetensors`` file: header parsed eagerly, tensors read lazily."""
 
