@@ -97,11 +97,7 @@ def train_clip(cfg: ml_collections.ConfigDict, workdir: Path, writer: common.Met
 
   # ---------------------------------------------------------------------------------------------- resume
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints" / STAGE, max_to_keep=cfg.train.max_to_keep)
-  restored = common.restore_or_none(ckpt, state, loader)
-  if restored is not None:
-    state, step = restored
-    writer.truncate(STAGE, step)
-    print(f"[clip] resumed from step {step}/{total_steps}")
+  state = common.resume(ckpt, state, loader, writer, STAGE, total_steps)
 
   # ------------------------------------------------------------------------------------------------ loop
   v, t = clip_cfg.vision_config, clip_cfg.text_config

@@ -193,14 +193,21 @@ def make_update_fn(loss_fn: Callable, tx: optax.GradientTransformation, *, state
 # Checkpoints and the loop
 # --------------------------------------------------------------------------------------------------------------
 
-def restore_or_none(ckpt: ckpt_lib.Checkpointer, state: State, loader) -> tuple[State, int] | None:
-  """Restores the latest checkpoint into ``state``'s shapes/shardings and ``loader``'s position; None if none."""
+def resume(ckpt: ckpt_lib.Checkpointer, state: State, loader, writer: MetricsWriter, stage: str,
+           total_steps: int) -> State:
+  """Restores the latest checkpoint of ``stage`` into ``state``'s shapes/shardings and ``loader``'s position.
+
+  ``metrics.jsonl`` is trimmed back to the restored step so a resumed run logs each step once. Returns ``state``
+  unchanged when there is no checkpoint yet.
+  """
   step = ckpt.latest_step()
   if step is None:
-    return None
+    return state
   out = ckpt.restore(step, arrays={"state": state}, json=("data", "meta"))
   loader.set_state(out["data"])
-  return out["state"], step
+  writer.truncate(stage, step)
+  print(f"[{stage}] resumed from step {step}/{total_steps}")
+  return out["state"]
 
 
 def save(ckpt: ckpt_lib.Checkpointer, step: int, state: State, loader, meta: Mapping[str, Any]) -> None:
@@ -366,6 +373,6 @@ def embed_split(encode: Callable[[dict], tuple[np.ndarray, ...]], source, transf
 __all__ = [
     "NonFiniteLossError", "StopAfterSteps", "maybe_initialize_distributed", "prepare_workdir", "MetricsWriter",
     "learning_rate_schedule", "make_optimizer", "make_mesh", "pure_shardings", "train_state_shardings",
-    "init_train_state", "global_norm", "make_update_fn", "restore_or_none", "save", "to_host", "run_loop",
+    "init_train_state", "global_norm", "make_update_fn", "resume", "save", "to_host", "run_loop",
     "build_data", "make_train_loader", "iterate_split", "embed_split",
 ]

@@ -269,11 +269,7 @@ def train_variant(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path,
 
   # ---------------------------------------------------------------------------------------------- resume
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=cfg.train.max_to_keep)
-  restored = common.restore_or_none(ckpt, state, loader)
-  if restored is not None:
-    state, step = restored
-    writer.truncate(stage, step)
-    print(f"[{stage}] resumed from step {step}/{total_steps}")
+  state = common.resume(ckpt, state, loader, writer, stage, total_steps)
 
   # ------------------------------------------------------------------------------------- validation hooks
   stopper = None
@@ -287,17 +283,13 @@ def train_variant(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path,
       writer.write({"stage": stage, "step": step, "epoch": epoch, **m})
       return stopper.update(step, state, m)
 
-  def log_extra(state):
-    return {}
-
   # ------------------------------------------------------------------------------------------------ loop
   n_tok = cfg.data.max_length
   state = common.run_loop(stage=stage, step_fn=setup.step_fn, state=state, frozen=setup.frozen, loader=loader,
                           mesh=mesh, rng=jax.random.key(cfg.seed + 2), total_steps=total_steps, ckpt=ckpt,
                           writer=writer, meta={"stage": stage, "variant": variant, "base_path": str(base_dir)},
                           train_cfg=cfg.train, batch_size=global_batch,
-                          flops_per_example=step_flops(clip.config, n_tok), on_epoch_end=on_epoch_end,
-                          log_extra=log_extra)
+                          flops_per_example=step_flops(clip.config, n_tok), on_epoch_end=on_epoch_end)
   ckpt.close()
   loader.close()
   if stopper is not None:

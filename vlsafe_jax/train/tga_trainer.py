@@ -417,11 +417,7 @@ def train_stage(cfg, workdir: Path, setting: dict, model: Llava, variant: str, s
                       mesh=mesh, accum=s_cfg.grad_accum, nonfinite=cfg.train.nonfinite)
   state = setup.state
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=cfg.train.max_to_keep)
-  restored = common.restore_or_none(ckpt, state, loader)
-  if restored is not None:
-    state, step = restored
-    writer.truncate(name, step)
-    print(f"[{name}] resumed from step {step}/{total_steps}")
+  state = common.resume(ckpt, state, loader, writer, name, total_steps)
   if int(jax.device_get(state["step"])) < total_steps:
     flops = step_flops(model.config, s_cfg.max_length, s_cfg.ref_max_length, stage, max(cfg.tga.loss.layers))
     state = common.run_loop(stage=name, step_fn=setup.step_fn, state=state, frozen=setup.frozen, loader=loader,
