@@ -90,6 +90,37 @@ def time_fn(fn: Callable[[], Any], *, windows: int = 5, steps: int = 20, min_win
   return Timing(compile_s, per_call)
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, windows: int = 15, steps: int = 5,
+                     sync: Callable[[Any], Any] = block) -> dict[str, Timing]:
+  """Times several variants of one workload in interleaved windows (A B C, B C A, C A B, ...).
+
+  For overheads of a few percent (perf.md: steering vs unsteered) separate runs drift by more than the effect on a
+  shared host (frequency, other jobs); rotating the cases through the same windows exposes them to the same drift.
+  Pair the windows with :func:`paired_overhead`. Each case is compiled (first call) before any window.
+  """
+  names = list(fns)
+  compile_s = {}
+  for name in names:
+    t0 = time.perf_counter()
+    sync(fns[name]())
+    compile_s[name] = time.perf_counter() - t0
+  per_call: dict[str, list[float]] = {n: [] for n in names}
+  for w in range(windows):
+    for name in names[w % len(names):] + names[:w % len(names)]:
+      t0 = time.perf_counter()
+      out = None
+      for _ in range(steps):
+        out = fns[name]()
+      sync(out)
+      per_call[name].append((time.perf_counter() - t0) / steps)
+  return {n: Timing(compile_s[n], per_call[n]) for n in names}
+
+
+def paired_overhead(base: Timing, other: Timing) -> float:
+  """Median over windows of ``other / base - 1`` in percent (windows from :func:`time_interleaved`)."""
+  return 100.0 * statistics.median(o / b - 1.0 for b, o in zip(base.window_s, other.window_s))
+
+
 def torch_sync(device: str) -> Callable[[Any], Any]:
   """A ``sync`` for :func:`time_fn` on the PyTorch side."""
   import torch  # bench-time only

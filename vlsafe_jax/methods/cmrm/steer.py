@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from vlsafe_jax.methods.cmrm import shift
@@ -103,6 +104,7 @@ class Steerer:
     self.alpha = DEFAULT_ALPHA[level] if alpha is None else float(alpha)
     self.extract, self.corrupt, self.noise_seed, self.batch_size = extract, corrupt, noise_seed, batch_size
     self._seen = 0
+    self._dataset_kwargs = None
 
   def vectors_for(self, prompts: Sequence[Any]) -> np.ndarray:
     """(B, L, D) sample-level vectors for multimodal prompts (two prefills)."""
@@ -112,6 +114,15 @@ class Steerer:
     return shift.sample_vectors(ht, hc)
 
   def __call__(self, batch) -> Mapping[str, Any]:
+    if self.level == "dataset" and self.apply == "all":
+      # Input-independent: build (and upload) the kwargs once; per batch this is then a dict lookup, which keeps
+      # the host-side cost of dataset-level steering out of the generate loop's timing (the <= 3% budget).
+      if self._dataset_kwargs is None:
+        kw = steer_kwargs(self.vectors, self.alpha, layers=self.layers, apply=self.apply)
+        self._dataset_kwargs = {"steer_vectors": jnp.asarray(kw["steer_vectors"], jnp.float32),
+                                "steer_alpha": jnp.asarray(kw["steer_alpha"], jnp.float32),
+                                "steer_decode": jnp.asarray(int(kw["steer_decode"]), jnp.int32)}
+      return self._dataset_kwargs
     v = self.vectors if self.level == "dataset" else self.vectors_for(batch.prompts)
     return steer_kwargs(v, self.alpha, layers=self.layers, apply=self.apply,
                         attention_mask_bt=batch.attention_mask)
