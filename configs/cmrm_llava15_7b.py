@@ -5,6 +5,7 @@
       data.sets="('vlsafe:vlsafe:/data/vlsafe.jsonl', 'jailbreak:jailbreakllms:/data/forbidden_question_set.csv')" \\
       data.image_root=/data/coco/train2017
   python -m vlsafe_jax.cmrm --config configs/cmrm_llava15_7b.py sweep model.path=...   # alpha sweep
+  python -m vlsafe_jax.cmrm --config configs/cmrm_llava15_7b.py analyze model.path=... # PCA of input variants
   judge.kind=llm judge.path=/ckpt/Meta-Llama-3-8B-Instruct                             # LLM judge instead
 
 ``data.sets`` entries are ``name:reader:path`` with reader jsonl | vlsafe | jailbreakllms; a seeded 20% of each
@@ -30,4 +31,7 @@ def get_config(arg=None):
       sweep_alphas=tuple(round(0.1 * i, 1) for i in range(16))))
   c.judge = ml_collections.ConfigDict(dict(kind="keyword", path="", batch_size=16))
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, max_new_tokens=512))
+  # analyze: PCA of the five input variants (cmrm.md §7.3) on the first set's items ("" = first data.sets entry);
+  # the caption+query variant needs a "caption" in every manifest row, else it is omitted with a note.
+  c.analysis = ml_collections.ConfigDict(dict(set="", limit=200))
   return c

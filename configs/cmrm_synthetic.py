@@ -3,10 +3,11 @@
   python -m vlsafe_jax.cmrm                                     # = --config configs/cmrm_synthetic.py evaluate
   python -m vlsafe_jax.cmrm --config cmrm_synthetic:smoke       # small, for tests
   python -m vlsafe_jax.cmrm --config cmrm_synthetic sweep       # dataset-level alpha sweep
+  python -m vlsafe_jax.cmrm --config cmrm_synthetic analyze     # PCA of the five input variants, CMRM off / on
 
 Trains the tiny LLaVA into <run>/model on first use (minutes on 2 CPU cores), extracts the dataset-level vector on
 the anchor set, then generates on held-out harmful / benign / image-grounded sets without steering, text-only,
-and with CMRM; keyword judge. Run directory: runs/cmrm_synthetic/ (model/, cmrm_vectors.*, eval.json).
+and with CMRM; keyword judge. Run directory: runs/cmrm_synthetic/ (model/, cmrm_vectors.*, eval.json, cmrm_analysis.*).
 """
 import ml_collections
 
@@ -57,4 +58,10 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32 if not smoke else 16
   c.eval.max_new_tokens = 20 if not smoke else 12
+
+  # analyze: PCA of the five input variants with / without CMRM (cmrm.md §7.3) on held-out harmful requests; the
+  # caption variant uses each scene's generated description.
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.set = "harmful"
+  c.analysis.limit = 0 if not smoke else 16
   return c

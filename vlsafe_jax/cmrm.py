@@ -1,7 +1,8 @@
-"""``python -m vlsafe_jax.cmrm [--config CONFIG] [--workdir DIR] [extract|generate|evaluate|sweep] [key=value ...]``.
+"""``python -m vlsafe_jax.cmrm [--config CONFIG] [--workdir DIR] [extract|generate|evaluate|sweep|analyze] [key=value ...]``.
 
 Loads a ``get_config()`` file (default ``configs/cmrm_synthetic.py``), applies overrides and runs
-:func:`vlsafe_jax.methods.cmrm.run.run` into ``runs/<config name>/`` (or ``--workdir``).
+:func:`vlsafe_jax.methods.cmrm.run.run` into ``runs/<config name>/`` (or ``--workdir``). ``analyze`` writes the
+PCA of the five input variants with and without CMRM (``cmrm_analysis.{png,npz,json}``, cmrm.md §7.3).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from vlsafe_jax import config as config_lib
 
 DEFAULT_CONFIG = "cmrm_synthetic"
-COMMANDS = ("extract", "generate", "evaluate", "sweep")
+COMMANDS = ("extract", "generate", "evaluate", "sweep", "analyze")
 
 
 def main(argv: list[str]) -> dict:

@@ -2,7 +2,9 @@
 
 Commands: ``extract`` (vectors only), ``generate`` / ``evaluate`` (unsteered, text-only reference, dataset-level
 and optional sample-level rows; evaluate = generate + judge + table, they share the code), ``sweep`` (dataset-level
-over ``cmrm.sweep_alphas``). Results: ``<workdir>/cmrm_vectors.{npz,json}``, ``eval.json``, ``config.json``.
+over ``cmrm.sweep_alphas``), ``analyze`` (PCA of last-token final-layer states for the five input variants with
+and without CMRM, :mod:`vlsafe_jax.methods.cmrm.analysis`; no generation). Results:
+``<workdir>/cmrm_vectors.{npz,json}``, ``eval.json``, ``cmrm_analysis.{png,npz,json}``, ``config.json``.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from vlsafe_jax.eval import judge as judge_lib
 from vlsafe_jax.eval import vlm_safety as V
 from vlsafe_jax.methods.cmrm import shift, steer
 
-COMMANDS = ("extract", "generate", "evaluate", "sweep")
+COMMANDS = ("extract", "generate", "evaluate", "sweep", "analyze")
 
 
 def load_model(cfg, workdir: Path):
@@ -86,6 +88,60 @@ def _utility(items, responses):
   return 100.0 * sum(r.strip() == c.strip() for r, c in pairs) / len(pairs) if pairs else None
 
 
+def _synthetic_scene_captions(items, seed: int):
+  """Synthetic items with ``caption`` = their scene's description (``synthetic_vlm.scene_image`` facts).
+
+  The synthetic sets use ``caption`` for the expected *answer* (utility scoring), which must not leak into a
+  caption+query prompt; the scene description is what cmrm.md §1's caption variant needs. The scene index is
+  recomputed from the item id (``<set>-<i>``, the set offsets of ``SyntheticVLM.eval_set``) and checked against
+  the item's image, so a change of that numbering fails loudly instead of pairing wrong captions.
+  """
+  import dataclasses
+  from vlsafe_jax.data import synthetic_vlm as S
+  offsets = {"harmful": 0, "benign": 10_000, "grounded": 20_000, "anchor": 30_000}
+  out = []
+  for it in items:
+    name, _, i = it.id.rpartition("-")
+    if name not in offsets or not i.isdigit():
+      raise ValueError(f"synthetic item id {it.id!r} is not '<set>-<index>' of {sorted(offsets)}")
+    img, facts = S.scene_image(seed, 1_000_000 + offsets[name] + int(i), np.asarray(it.image).shape[0])
+    if not np.array_equal(img, np.asarray(it.image)):
+      raise ValueError(f"synthetic item {it.id!r}: its image is not scene {offsets[name] + int(i)} "
+                       "(SyntheticVLM.eval_set numbering changed?); cannot attach the scene caption")
+    out.append(dataclasses.replace(it, caption=facts["caption"]))
+  return out
+
+
+def analysis_items(cfg, sets) -> list[V.SafetyItem]:
+  """Items for ``analyze``: the image-bearing items of eval set ``analysis.set`` (empty: the first set), the first
+  ``analysis.limit`` of them (0: all)."""
+  acfg = cfg.get("analysis") or {}
+  name, limit = acfg.get("set", "") or next(iter(sets)), acfg.get("limit", 0)
+  if name not in sets:
+    raise ValueError(f"analysis.set {name!r} is not an evaluation set of this config; have {sorted(sets)}")
+  items = [it for it in sets[name] if it.has_image][:limit or None]
+  if not items:
+    raise ValueError(f"analysis.set {name!r} has no item with an image")
+  if cfg.data.kind == "synthetic":
+    items = _synthetic_scene_captions(items, cfg.seed)
+  return items
+
+
+def analyze(model, tok, sets, vec: shift.CMRMVectors, cfg, workdir: Path, model_id: str) -> dict[str, Any]:
+  """``analyze`` command: :func:`vlsafe_jax.methods.cmrm.analysis.analyze` with the config's steering."""
+  from vlsafe_jax.methods.cmrm import analysis
+  items = analysis_items(cfg, sets)
+  res = analysis.analyze(model, tok, items, workdir, vectors=vec.vectors, alpha=cfg.cmrm.alpha,
+                         layers=cfg.cmrm.layers, apply=cfg.cmrm.apply, template=cfg.prompt.template,
+                         system=cfg.prompt.system or None, noise_seed=cfg.cmrm.noise_seed,
+                         batch_size=cfg.eval.batch_size, meta={"model": model_id, "vectors": vec.meta})
+  print(res["table"])
+  for note in res["notes"]:
+    print("note:", note)
+  print("wrote", ", ".join(res["files"]))
+  return res
+
+
 def run(cfg, workdir: Path, command: str = "evaluate") -> dict[str, Any]:
   if command not in COMMANDS:
     raise ValueError(f"unknown command {command!r}; expected one of {COMMANDS}")
@@ -96,6 +152,8 @@ def run(cfg, workdir: Path, command: str = "evaluate") -> dict[str, Any]:
   vec = get_vectors(model, tok, anchors, cfg, workdir, model_id)
   if command == "extract":
     return {"vectors": vec.meta}
+  if command == "analyze":
+    return analyze(model, tok, sets, vec, cfg, workdir, model_id)
   judge = judge_lib.make_judge(dict(cfg.judge))
   gen = dict(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompt.template,
              system=cfg.prompt.system or None, progress=cfg.progress)

@@ -59,24 +59,32 @@ def corrupted_pixels(n: int, image_size: int, kind: str = "blank", *, seed: int 
 # --------------------------------------------------------------------------------------------------------------
 
 @nnx.jit(static_argnames=("mode",))
-def _states_jit(model, ids_bt, mask_bt, pixels, text_mask_bt, *, mode: str):
+def _states_jit(model, ids_bt, mask_bt, pixels, text_mask_bt, steer=None, *, mode: str):
   decoding.TRACE_COUNTS["cmrm_extract"] += 1
   b, t = ids_bt.shape
+  # Extraction proper never steers (steer=None); the analysis tool (analysis.py) reuses this pass with steering
+  # on to see where CMRM moves the states.
+  kw = {} if steer is None else dict(steer_vectors=steer["vectors"], steer_alpha=steer["alpha"],
+                                     steer_mask_bt=steer["mask"])
   if mode == "last":
     pos_bp = jnp.full((b, 1), t - 1, jnp.int32)
-    _, _, ex = model(ids_bt, pixels, attention_mask_bt=mask_bt, hidden_positions_bp=pos_bp, logits="none")
+    _, _, ex = model(ids_bt, pixels, attention_mask_bt=mask_bt, hidden_positions_bp=pos_bp, logits="none", **kw)
     return ex["hidden_at_positions"][:, :, 0].astype(jnp.float32)
   _, _, ex = model(ids_bt, pixels, attention_mask_bt=mask_bt, hidden_masks_bmt=text_mask_bt[:, None, :],
-                   logits="none")
+                   logits="none", **kw)
   return ex["hidden_masked_means"][:, :, 0]
 
 
 def prompt_states(model, prompts: Sequence[Any], pixels: np.ndarray | None, *, mode: str = "last",
-                  min_bucket: int = 16, bucket_step: int = 64, mesh=None) -> jax.Array:
+                  min_bucket: int = 16, bucket_step: int = 64, mesh=None, steer_vectors=None,
+                  steer_alpha: float = 1.0, steer_apply: str = "all") -> jax.Array:
   """Per-layer states (B, L, D) float32 of a batch of ``vlm_prompts.Prompt`` s (one prefill).
 
   Prompts are left-padded to a length bucket (few compilations). ``pixels``: one image per prompt with an image
   span, in order, or None. ``mesh``: shard the batch over the mesh's batch axes (the batch must divide).
+  ``steer_vectors``: optional (L, D) or (B, L, D) CMRM vectors added during this prefill (``steer_alpha``;
+  ``steer_apply`` ``all`` = every real token, ``new_tokens`` = the last prompt token only, cmrm.md §4.2); None
+  (extraction) runs the unsteered model.
   """
   if mode not in EXTRACT_MODES:
     raise ValueError(f"cmrm extract mode {mode!r} unknown; expected one of {EXTRACT_MODES}")
@@ -91,7 +99,12 @@ def prompt_states(model, prompts: Sequence[Any], pixels: np.ndarray | None, *, m
   if mesh is not None:
     from vlsafe_jax import sharding
     inputs = [None if x is None else jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in inputs]
-  return _states_jit(model, *inputs, mode=mode)
+  steer = None
+  if steer_vectors is not None:
+    from vlsafe_jax.methods.cmrm import steer as steer_lib   # lazy: steer imports this module
+    steer = {"vectors": jnp.asarray(steer_vectors, jnp.float32), "alpha": jnp.asarray(steer_alpha, jnp.float32),
+             "mask": jnp.asarray(steer_lib.prompt_steer_mask(arr["attention_mask"], steer_apply), jnp.int32)}
+  return _states_jit(model, *inputs, steer, mode=mode)
 
 
 def extract_pairs(model, prompts: Sequence[Any], *, mode: str = "last", corrupt: str = "blank",
