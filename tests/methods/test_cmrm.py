@@ -2,7 +2,8 @@
 
 Tolerances: steered HF parity rtol = atol = 1e-5 on first-token logits and exact greedy tokens (fp32 both sides,
 HF eager attention); alpha = 0 vs unsteered rtol 1e-6; the corrected layer-1 state equals the text-only state to
-rtol 1e-6 / atol 1e-6 (float rounding of a + (b - a)); 8-device extraction vs 1 device rtol = atol = 1e-5.
+rtol 1e-6 / atol 1e-6 (float rounding of a + (b - a)); 8-device extraction vs 1 device rtol = atol = 1e-5; KV-cache
+generation vs full forward rtol = atol = 1e-5 on logits and exact greedy tokens.
 """
 import sys
 from pathlib import Path
@@ -128,6 +129,52 @@ def test_new_tokens_mode_leaves_earlier_positions(pair):
   np.testing.assert_array_equal(hs[:, :, :-1], hb[:, :, :-1])       # positions < P - 1 untouched
   np.testing.assert_array_equal(hs[1, :, -1], hb[1, :, -1])          # layer 0 (index 1) outside the subset
   np.testing.assert_allclose(hs[2, :, -1], hb[2, :, -1] + v[1], rtol=1e-6, atol=1e-6)
+
+
+def test_kv_cache_generation_matches_full_forward(pair):
+  """cmrm.md §10 KV-cache consistency: steered greedy generation (cached prefill + decode loop) gives the same
+  first logits and tokens as a steered full forward (no cache) over prompt + generated tokens, and a step-by-step
+  cached decode gives the same logits at every step (rtol = atol = 1e-5, fp32). ``new_tokens``: the full forward
+  steers exactly what the loop steered, the last prompt column (P - 1 under left padding) and every new token."""
+  _, model = pair
+  from vlsafe_jax.data.vlm_prompts import collate
+  prompts = _prompts(15)
+  pixels = np.random.RandomState(16).randn(3, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  v = 3 * np.random.RandomState(17).randn(2, 40).astype(np.float32)
+  arr = collate(prompts, PAD, side="left")
+  b, p = arr["input_ids"].shape
+  n_new = 6
+  ids, mask, pix = jnp.asarray(arr["input_ids"]), jnp.asarray(arr["attention_mask"]), jnp.asarray(pixels)
+  for apply in ("all", "new_tokens"):
+    kw = steer.steer_kwargs(v, 1.0, apply=apply, attention_mask_bt=arr["attention_mask"])
+    out, _ = _gen(model, prompts, pixels, **kw)
+    tokens = np.asarray(out.tokens)
+    full_ids = jnp.concatenate([ids, jnp.asarray(tokens)], axis=1)
+    full_mask = jnp.concatenate([mask, jnp.ones((b, n_new), jnp.int32)], axis=1)
+    if apply == "all":
+      s_mask = full_mask
+    else:
+      s_mask = jnp.zeros((b, p + n_new), jnp.int32).at[:, p - 1:].set(1)
+    steer_in = dict(steer_vectors=jnp.asarray(kw["steer_vectors"]), steer_alpha=kw["steer_alpha"])
+    full, _, _ = model(full_ids, pix, attention_mask_bt=full_mask, steer_mask_bt=s_mask, **steer_in)
+    full = np.asarray(full)[:, p - 1:p - 1 + n_new]               # logits predicting new tokens 0..n-1
+    np.testing.assert_allclose(np.asarray(out.first_logits), full[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(tokens, full.argmax(-1))
+    # Every decode step's logits from the cache (the loop generate runs, unrolled here to see each step).
+    cache = model.init_cache(b, p + n_new)
+    prompt_mask = mask if apply == "all" else jnp.asarray(kw["steer_prompt_mask"])
+    step, cache, _ = model(ids, pix, attention_mask_bt=mask, kv_cache=cache, steer_mask_bt=prompt_mask,
+                           logits="last", **steer_in)
+    cached = [np.asarray(step)]
+    ones = jnp.ones((b, 1), jnp.int32)
+    for k in range(n_new - 1):
+      step, cache, _ = model(jnp.asarray(tokens[:, k:k + 1]), None, attention_mask_bt=ones, kv_cache=cache,
+                             steer_mask_bt=ones, logits="last", **steer_in)
+      cached.append(np.asarray(step))
+    np.testing.assert_allclose(np.stack(cached, 1), full, rtol=1e-5, atol=1e-5)
+    # The steering really changes these logits (so the comparisons above can fail).
+    plain, _, _ = model(full_ids, pix, attention_mask_bt=full_mask)
+    assert not np.allclose(np.asarray(plain)[:, p - 1:p - 1 + n_new], full, atol=1e-3)
 
 
 def test_vectors_round_trip_and_errors(tmp_path):
