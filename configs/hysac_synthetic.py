@@ -38,7 +38,7 @@ def get_config(arg=None):
 
   # Stage-1 CLIP architecture (both towers): ViT with 8-px patches on 32-px images (16 patches + CLS).
   c.clip_model = ml_collections.ConfigDict(dict(width=64, layers=2, heads=4, mlp_ratio=4, patch_size=8,
-                                                embed_dim=64))
+                                                embed_dim=64, logit_scale_init=2.6592))
   if smoke:
     c.clip_model.update(width=16, layers=1, heads=2, embed_dim=16)
 
@@ -47,6 +47,7 @@ def get_config(arg=None):
   c.clip_stage.epochs = 10 if not smoke else 2
   c.clip_stage.optim = ml_collections.ConfigDict(dict(lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
                                                       schedule="warmup_cosine", warmup_steps=50))
+  c.clip_stage.logit_scale_max = 4.6052                  # log 100, CLIP's cap
 
   c.hysac = ml_collections.ConfigDict()
   c.hysac.dtype = "float32"        # tower compute dtype (bf16 on accelerators); hyperbolic math is always float32

@@ -249,6 +249,55 @@ def test_weight_decay_skips_scalars():
   np.testing.assert_allclose(ua, -0.5 * a, rtol=1e-6)
 
 
+def test_early_stopping_rule_and_persistence(tmp_path):
+  """hysac.md §5.3: patience resets when recall OR loss improves, counts down when neither does, stops at 0; each
+  improvement saves its best checkpoint; the counter survives a restart (resume)."""
+  state = {"w": jnp.arange(3.0)}
+  stop = hysac_trainer.EarlyStopping(tmp_path, patience=2)
+  assert not stop.update(1, state, {"val_recall_sum": 10.0, "val_loss": 5.0})      # both improve
+  assert not stop.update(2, state, {"val_recall_sum": 9.0, "val_loss": 4.0})       # loss improves: reset
+  assert stop.s["left"] == 2
+  assert not stop.update(3, state, {"val_recall_sum": 9.0, "val_loss": 6.0})       # neither: 1 left
+  stop.close()
+  resumed = hysac_trainer.EarlyStopping(tmp_path, patience=2)
+  assert resumed.s == {"best_recall": 10.0, "best_loss": 4.0, "left": 1}
+  assert resumed.update(4, state, {"val_recall_sum": 10.0, "val_loss": 4.0})       # ties do not improve: stop
+  assert resumed.best["best_recall"].latest_step() == 1
+  assert resumed.best["best_validation_loss"].latest_step() == 2
+  resumed.close()
+  never = hysac_trainer.EarlyStopping(tmp_path / "off", patience=0)                  # patience 0: never stops
+  assert not any(never.update(i, state, {"val_recall_sum": 0.0, "val_loss": 9.0}) for i in range(1, 4))
+  never.close()
+
+
+def test_validation_runs_each_epoch_and_early_stop_ends_the_stage(tmp_path):
+  """train.validate: one validation record per epoch in metrics.jsonl; with patience 1 and a learning rate of 0
+  nothing can improve after epoch 1, so the stage stops after epoch 2 with an early_stop event."""
+  _run(tmp_path, "train.validate=True", "train.early_stopping_patience=1", "hysac.optim.lr=0.0", "hysac.epochs=4",
+       "ablations=()", 'stages=("clip", "hysac")', "clip_stage.epochs=1")
+  recs = _records(tmp_path / "metrics.jsonl", "hysac")
+  val = [r for r in recs if "val_loss" in r]
+  assert [r["epoch"] for r in val] == [1, 2], val
+  assert all(np.isfinite(r["val_loss"]) and 0.0 <= r["val_recall_sum"] <= 600.0 for r in val)
+  assert val[0]["val_loss"] == val[1]["val_loss"]                                   # lr 0: nothing moved
+  assert any(r.get("event") == "early_stop" for r in recs)
+  assert max(r["step"] for r in recs) < 4 * max(r["step"] for r in val[:1])
+
+
+def test_stage1_logit_scale_options():
+  """clip_model.logit_scale_init reaches the stage-1 CLIP; clip_stage.logit_scale_max caps it before each step."""
+  from vlsafe_jax.train import clip_trainer
+  from configs import hysac_synthetic
+  cfg = hysac_synthetic.get_config("smoke")
+  assert clip_trainer.synthetic_clip_config(cfg.clip_model, cfg.data).logit_scale_init_value == pytest.approx(2.6592)
+  cfg.clip_model.logit_scale_init = 4.6052
+  assert clip_trainer.synthetic_clip_config(cfg.clip_model, cfg.data).logit_scale_init_value == pytest.approx(4.6052)
+  clamp = clip_trainer.clamp_logit_scale(3.0)
+  assert float(clamp({"logit_scale": jnp.float32(5.0)})["logit_scale"]) == 3.0
+  assert float(clamp({"logit_scale": jnp.float32(-1.0)})["logit_scale"]) == 0.0
+  assert float(clamp({"logit_scale": jnp.float32(2.0)})["logit_scale"]) == 2.0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The synthetic benchmark's phenomena (the default run's settings)
 

@@ -36,7 +36,8 @@ def synthetic_clip_config(model: ml_collections.ConfigDict, data: ml_collections
                         eos_token_id=sc["eos_token_id"], bos_token_id=sc["bos_token_id"],
                         pad_token_id=sc["pad_token_id"], **common_kw)
   vision = CLIPVisionConfig(image_size=data.image_size, patch_size=model.patch_size, **common_kw)
-  return CLIPConfig(text_config=text, vision_config=vision, projection_dim=model.embed_dim)
+  return CLIPConfig(text_config=text, vision_config=vision, projection_dim=model.embed_dim,
+                    logit_scale_init_value=float(model.get("logit_scale_init", 2.6592)))
 
 
 def clip_contrastive_loss(model: CLIP, batch: dict) -> tuple[jax.Array, dict]:
@@ -51,9 +52,11 @@ def clip_contrastive_loss(model: CLIP, batch: dict) -> tuple[jax.Array, dict]:
   return loss, {"acc_i2t": acc, "logit_scale": model.logit_scale[...]}
 
 
-def _clamp_logit_scale(params):
-  # CLIP's own cap (log 100), applied before each step as in open_clip.
-  return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, 4.6052)}
+def clamp_logit_scale(max_log_scale: float = 4.6052):
+  """``pre_step`` clamping the log logit scale to [0, max] (CLIP's own cap is log 100, as in open_clip)."""
+  def clamp(params):
+    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, max_log_scale)}
+  return clamp
 
 
 def train_clip(cfg: ml_collections.ConfigDict, workdir: Path, writer: common.MetricsWriter) -> Path:
@@ -93,7 +96,8 @@ def train_clip(cfg: ml_collections.ConfigDict, workdir: Path, writer: common.Met
     return clip_contrastive_loss(nnx.merge(graphdef, params), batch)
 
   step_fn = common.make_update_fn(loss_fn, tx, state_sh=state_sh, mesh=mesh, lr_fn=lr_fn,
-                                  nonfinite=cfg.train.nonfinite, pre_step=_clamp_logit_scale)
+                                  nonfinite=cfg.train.nonfinite,
+                                  pre_step=clamp_logit_scale(sc.get("logit_scale_max", 4.6052)))
 
   # ---------------------------------------------------------------------------------------------- resume
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints" / STAGE, max_to_keep=cfg.train.max_to_keep)
