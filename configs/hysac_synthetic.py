@@ -73,6 +73,13 @@ def get_config(arg=None):
   # saturates at ~pi/2: learned c drifts 1 -> 0.3 and alphas shrink (this default: root d ~0.3). Fixed c = 1 or 10
   # (learn_curv=False), alpha_init 0.5 / 1.0, entailment_lambda 2-8 and 10 epochs all either keep E(I, T*) ~2.6
   # (no safe/unsafe separation) or collapse into that saturated zone (d ~0.05-0.2, T->I R@1 down to 2-6 %).
+  # Why the radial push is missing: for T* just behind I on I's ray, phi(I, T*) ~ pi - eps/(1 - r) in the near-root
+  # (Euclidean-like) regime, so its gradient is ~1/(1 - r) tangential (rotate T* around I) and only ~eps/(1 - r)^2
+  # radial; the tangential move is exactly what the contrastive C(I, T*) term undoes. Re-measured (session 3):
+  # a stage-1 CLIP at fixed logit scale 100 (clip_model.logit_scale_init=4.6052) still has matched cos(I, T) 0.97
+  # (real CLIP: ~0.3); injecting a real-CLIP-like constant modality gap (|g| = 1.5 or 3, via the final LayerNorm
+  # biases) does not help either: T* and T, I* and I still differ by < 0.003 in root distance (E(I, T*) 0.7-2.1).
+  # So the towers' LoRA never learns hazard-dependent norms here; the cause is not the modality gap.
   # So the values below are kept; see tests/train/test_hysac_train.py::test_synthetic_phenomena for what holds.
   c.hysac.optim = ml_collections.ConfigDict(dict(lr=5e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.2,
                                                  schedule="constant", warmup_steps=0))
