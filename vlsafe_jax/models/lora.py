@@ -74,6 +74,55 @@ def lora_delta(x_bi: jax.Array, a_ir: jax.Array, b_ro: jax.Array, scaling: float
   return jnp.matmul(h_br, b_ro.astype(dtype), precision=precision) * jnp.asarray(scaling, dtype)
 
 
+def _mix32(x_u32: jax.Array) -> jax.Array:
+  """Chris Wellons' ``lowbias32`` integer finalizer: a bijective avalanche mix of uint32 values (mod 2^32)."""
+  x_u32 = x_u32 ^ (x_u32 >> 16)
+  x_u32 = x_u32 * jnp.uint32(0x7FEB352D)
+  x_u32 = x_u32 ^ (x_u32 >> 15)
+  x_u32 = x_u32 * jnp.uint32(0x846CA68B)
+  return x_u32 ^ (x_u32 >> 16)
+
+
+def dropout_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+  """Boolean keep-mask, each entry independently True with probability ``1 - rate`` (up to 2^-32).
+
+  Counter-based: entry ``i`` (row-major flat index) keeps iff ``mix(mix(i ^ k0) + k1) >= round(rate * 2^32)``
+  with ``mix`` = :func:`_mix32` and ``(k0, k1)`` two uint32 words drawn from ``key`` with ``jax.random.bits``
+  (one threefry call per site, not per entry). Why not ``jax.random.bernoulli``: on XLA:CPU threefry is lowered
+  as a rolled loop that streams two uint32 arrays of the input's size through memory for every round, which made
+  the LoRA dropout masks ~30% of the HySAC train step; this hash is a handful of integer ops that fuse into the
+  consumer. The mask is a pure function of (key, position), so it is identical however the array is sharded.
+
+  Args:
+    key: a JAX PRNG key (typed or raw uint32), one per dropout call.
+    shape: mask shape; at most 2^32 entries.
+    rate: drop probability in [0, 1).
+
+  Returns:
+    bool array of ``shape``.
+  """
+  n = int(np.prod(shape, dtype=np.int64))
+  if n > 2 ** 32:
+    raise ValueError(f"dropout_mask: {n} entries in shape {shape} exceed the 2^32 counter range")
+  k_2 = jax.random.bits(key, (2,), jnp.uint32)
+  idx = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in range(len(shape) - 1, -1, -1):          # row-major flat index built from per-axis iotas
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2 ** 32)
+    stride *= shape[axis]
+  h = _mix32(_mix32(idx ^ k_2[0]) + k_2[1])
+  threshold = min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1)
+  return h >= jnp.uint32(threshold)
+
+
+def apply_dropout(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout with :func:`dropout_mask`: kept entries are ``x / (1 - rate)``, dropped ones 0 (x's dtype)."""
+  if rate == 0.0:
+    return x
+  keep = dropout_mask(key, x.shape, rate)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 def merge_linear_kernel(w_io: jax.Array, a_ir: jax.Array, b_ro: jax.Array, scaling: float) -> jax.Array:
   """``W' = W + scaling * A @ B`` for a Flax (in, out) kernel; the sum is formed in float32 and cast back."""
   delta_io = jnp.matmul(a_ir.astype(jnp.float32), b_ro.astype(jnp.float32),
@@ -153,6 +202,14 @@ class _LoRAMixin:
     # Dropout forks its own stream from rngs['dropout'] (or 'default'): every site gets an independent mask.
     self.lora_dropout = nnx.Dropout(dropout, deterministic=deterministic, rngs=rngs)
 
+  def _dropped(self, x: jax.Array) -> jax.Array:
+    """The adapter input after dropout: identity in eval mode; else :func:`apply_dropout` with the next key of
+    this site's own stream (the ``nnx.Dropout`` module keeps the stream and the train/eval flag)."""
+    d = self.lora_dropout
+    if d.deterministic or d.rate == 0.0:
+      return x
+    return apply_dropout(x, d.rngs(), d.rate)
+
 
 class LoRALinear(_LoRAMixin, nnx.Linear):
   """An ``nnx.Linear`` plus a PEFT-style adapter: ``y = W x + b + (alpha/r) B A dropout(x)``.
@@ -174,7 +231,7 @@ class LoRALinear(_LoRAMixin, nnx.Linear):
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     y = super().__call__(inputs, out_sharding=out_sharding)
-    delta = lora_delta(self.lora_dropout(inputs), self.lora_a.get_value(), self.lora_b.get_value(),
+    delta = lora_delta(self._dropped(inputs), self.lora_a.get_value(), self.lora_b.get_value(),
                        self.lora_scaling, dtype=self.dtype, precision=self.precision)
     return y + delta.astype(y.dtype)
 
@@ -220,7 +277,7 @@ class LoRAConv(_LoRAMixin, nnx.Conv):
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     y = super().__call__(inputs, out_sharding=out_sharding)
     # Dropout on pixels (PEFT drops the conv adapter's input), then patchify the dropped-out image.
-    x = self.lora_dropout(inputs)
+    x = self._dropped(inputs)
     patches_bhwp = patchify(x, tuple(self.kernel_size))
     delta = lora_delta(patches_bhwp, self.lora_a.get_value(), self.lora_b.get_value(), self.lora_scaling,
                        dtype=self.dtype, precision=self.precision)
