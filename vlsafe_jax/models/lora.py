@@ -1,7 +1,9 @@
 """LoRA for flax.nnx with PEFT 0.4 semantics (HySAC, ``hysac.md`` §4.2).
 
 A LoRA site computes ``y = base(x) + scaling * B(A(dropout(x)))`` with ``scaling = alpha / rank``, dropout on the
-adapter input only and only in train mode (each site draws its own mask from its own forked rng stream),
+adapter input only and only in train mode (each site draws its own key from its own forked rng stream and
+builds its Bernoulli keep-mask with the counter-based hash of :func:`dropout_mask`, not
+``jax.random.bernoulli``: see there for why),
 ``A`` initialised like PyTorch's ``nn.Linear`` default (U(+-1/sqrt(fan_in))) and ``B`` zeros, so a freshly
 applied adapter is a no-op. ``nnx.LoRA`` / ``nnx.LoRALinear`` have neither the scaling nor the dropout, hence
 this module.
