@@ -217,6 +217,18 @@ def qa_pair(facts: dict[str, str], which: int) -> tuple[str, str]:
   return q.format(**facts), a.format(**facts)
 
 
+# Scene-index offsets of the evaluation sets (added to 1_000_000, past the training scenes): disjoint images per set.
+EVAL_OFFSETS = {"harmful": 0, "benign": 10_000, "grounded": 20_000, "anchor": 30_000}
+
+
+def eval_scene(seed: int, item_id: str, image_size: int):
+  """The scene (uint8 image, facts incl. its ``caption``) behind evaluation item ``<set>-<i>`` of ``eval_set``."""
+  name, _, i = item_id.rpartition("-")
+  if name not in EVAL_OFFSETS or not i.isdigit():
+    raise ValueError(f"synthetic item id {item_id!r} is not '<set>-<index>' with a set of {sorted(EVAL_OFFSETS)}")
+  return scene_image(seed, 1_000_000 + EVAL_OFFSETS[name] + int(i), image_size)
+
+
 class SyntheticVLM:
   """Train rows and evaluation sets of the setting (deterministic from ``seed``).
 
@@ -234,8 +246,8 @@ class SyntheticVLM:
     self.train_images = [scene_image(seed, i, image_size) for i in range(n_train_images)]
 
   # Image index ranges keep the train, evaluation and anchor images disjoint.
-  def _eval_image(self, offset: int, i: int):
-    return scene_image(self.seed, 1_000_000 + offset + i, self.image_size)
+  def _eval_image(self, name: str, i: int):
+    return eval_scene(self.seed, f"{name}-{i}", self.image_size)
 
   def eval_set(self, name: str, limit: int | None = None):
     from vlsafe_jax.eval.vlm_safety import SafetyItem
@@ -244,12 +256,11 @@ class SyntheticVLM:
     items = []
     if name in ("harmful", "benign"):
       reqs = harm if name == "harmful" else ben
-      off = 0 if name == "harmful" else 10_000
       for i, r in enumerate(reqs):
-        items.append(SafetyItem(f"{name}-{i}", r.text, self._eval_image(off, i)[0], r.category, r.helpful))
+        items.append(SafetyItem(f"{name}-{i}", r.text, self._eval_image(name, i)[0], r.category, r.helpful))
     elif name == "grounded":
       for i in range(len(harm)):
-        img, facts = self._eval_image(20_000, i)
+        img, facts = self._eval_image("grounded", i)
         q, a = qa_pair(facts, i)
         items.append(SafetyItem(f"grounded-{i}", q, img, "grounded", a))
     elif name == "anchor":
@@ -257,7 +268,7 @@ class SyntheticVLM:
       # evaluation sets); their vectors only ever see the image presence, not the answers.
       reqs = harm[::2] + ben[::2]
       for i, r in enumerate(reqs):
-        items.append(SafetyItem(f"anchor-{i}", r.text, self._eval_image(30_000, i)[0], r.category, None))
+        items.append(SafetyItem(f"anchor-{i}", r.text, self._eval_image("anchor", i)[0], r.category, None))
     else:
       raise ValueError(f"unknown synthetic eval set {name!r}; expected harmful, benign, grounded or anchor")
     return items[:limit] if limit else items

@@ -92,21 +92,17 @@ def _synthetic_scene_captions(items, seed: int):
   """Synthetic items with ``caption`` = their scene's description (``synthetic_vlm.scene_image`` facts).
 
   The synthetic sets use ``caption`` for the expected *answer* (utility scoring), which must not leak into a
-  caption+query prompt; the scene description is what cmrm.md §1's caption variant needs. The scene index is
-  recomputed from the item id (``<set>-<i>``, the set offsets of ``SyntheticVLM.eval_set``) and checked against
-  the item's image, so a change of that numbering fails loudly instead of pairing wrong captions.
+  caption+query prompt; the scene description is what cmrm.md §1's caption variant needs. The scene comes from the
+  item id (``synthetic_vlm.eval_scene``) and is checked against the item's image, so a numbering change fails loudly
+  instead of pairing wrong captions.
   """
   import dataclasses
   from vlsafe_jax.data import synthetic_vlm as S
-  offsets = {"harmful": 0, "benign": 10_000, "grounded": 20_000, "anchor": 30_000}
   out = []
   for it in items:
-    name, _, i = it.id.rpartition("-")
-    if name not in offsets or not i.isdigit():
-      raise ValueError(f"synthetic item id {it.id!r} is not '<set>-<index>' of {sorted(offsets)}")
-    img, facts = S.scene_image(seed, 1_000_000 + offsets[name] + int(i), np.asarray(it.image).shape[0])
+    img, facts = S.eval_scene(seed, it.id, np.asarray(it.image).shape[0])
     if not np.array_equal(img, np.asarray(it.image)):
-      raise ValueError(f"synthetic item {it.id!r}: its image is not scene {offsets[name] + int(i)} "
+      raise ValueError(f"synthetic item {it.id!r}: its image is not the scene its id names "
                        "(SyntheticVLM.eval_set numbering changed?); cannot attach the scene caption")
     out.append(dataclasses.replace(it, caption=facts["caption"]))
   return out
