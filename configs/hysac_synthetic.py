@@ -82,7 +82,7 @@ def get_config(arg=None):
   # So the towers' LoRA never learns hazard-dependent norms here; the cause is not the modality gap.
   # So the values below are kept; see tests/train/test_hysac_train.py::test_synthetic_phenomena for what holds.
   c.hysac.optim = ml_collections.ConfigDict(dict(lr=5e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.2,
-                                                 schedule="constant", warmup_steps=0))
+                                                 schedule="constant", warmup_steps=0, scalar_lr_multiplier=1.0))
 
   c.train = ml_collections.ConfigDict()
   c.train.log_every = 10 if not smoke else 2

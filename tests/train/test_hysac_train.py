@@ -167,11 +167,11 @@ def _batch(seed=0):
           "safe_ids": ids[0].astype(np.int32), "unsafe_ids": ids[1].astype(np.int32)}
 
 
-def _setup(mesh, negatives="global", per_device_batch=None, dropout=0.1):
+def _setup(mesh, negatives="global", per_device_batch=None, dropout=0.1, optim=OPTIM):
   clip = C.CLIP(TINY, rngs=nnx.Rngs(0))
   opts = H.HySACOptions(lora_rank=3, lora_dropout=dropout)
   lcfg = losses.HySACLossConfig(negatives=negatives, per_device_batch=per_device_batch)
-  return hysac_trainer.build_hysac(clip, options=opts, loss_cfg=lcfg, optim=OPTIM, total_steps=10, mesh=mesh)
+  return hysac_trainer.build_hysac(clip, options=opts, loss_cfg=lcfg, optim=optim, total_steps=10, mesh=mesh)
 
 
 def _one_device_mesh():
@@ -233,6 +233,22 @@ def test_only_lora_and_scalars_change_and_clamp_in_step():
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p0)[0], jax.tree.leaves(p1)):
     assert not np.array_equal(a, b), path    # every trainable leaf moved (lora_b from zeros, scalars by Adam)
   chex.assert_trees_all_equal(frozen_before, _host(setup.frozen))
+
+
+def test_scalar_lr_multiplier_scales_only_the_scalars():
+  """hysac.optim.scalar_lr_multiplier m: the scalars' AdamW update is m times the m = 1 update (same gradients, same
+  moments, no weight decay on them); LoRA updates are unchanged."""
+  mesh = _one_device_mesh()
+  half = ml_collections.ConfigDict(dict(OPTIM.to_dict(), scalar_lr_multiplier=0.25))
+  p0 = jax.device_get(_setup(mesh).state["params"])
+  full, _ = _step(_setup(mesh))
+  quarter, _ = _step(_setup(mesh, optim=half))
+  for name in p0["scalars"]:
+    d_full = float(full["params"]["scalars"][name]) - float(p0["scalars"][name])
+    d_quarter = float(quarter["params"]["scalars"][name]) - float(p0["scalars"][name])
+    assert abs(d_full) > 1e-4, name
+    assert d_quarter == pytest.approx(0.25 * d_full, rel=1e-4, abs=1e-7), name
+  chex.assert_trees_all_close(full["params"]["clip"], quarter["params"]["clip"], rtol=1e-6, atol=1e-7)
 
 
 def test_weight_decay_skips_scalars():

@@ -128,6 +128,12 @@ def build_hysac(clip: CLIP, *, options: hysac_model.HySACOptions, loss_cfg: loss
   params = jax.device_put(nnx.to_pure_dict(trainable), param_sh)
   frozen = jax.device_put(nnx.to_pure_dict(frozen), frozen_sh)
   tx, lr_fn = common.make_optimizer(optim, total_steps, wd_mask)
+  scalar_mult = float(optim.get("scalar_lr_multiplier", 1.0))
+  if scalar_mult != 1.0:
+    # The four scalars' lr = lr * multiplier: they get no weight decay, so scaling their AdamW update is exactly
+    # scaling their lr (a short, high-lr LoRA schedule can keep the scalars near the reference's 1e-4).
+    scalar_mask = jax.tree.map(lambda decayed: not decayed, wd_mask)
+    tx = optax.chain(tx, optax.masked(optax.scale(scalar_mult), scalar_mask))
   abs_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   state_sh = common.train_state_shardings(tx, abs_params, param_sh, mesh)
   state = common.init_train_state(tx, params, state_sh)
