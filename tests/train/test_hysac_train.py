@@ -319,12 +319,15 @@ def test_stage1_logit_scale_options():
 
 @pytest.mark.slow
 def test_synthetic_phenomena(tmp_path):
-  """What the default job robustly shows on the synthetic test split (512 items): the default stage-1 CLIP, HySAC
-  reduced to 3 epochs and no ablations to fit CI (~2 min on 2 cores).
+  """What the default job robustly shows on the synthetic test split (512 items): the default stage-1 CLIP and HySAC
+  for the default 5 epochs, without the ablations to fit CI (~3 min on 2 cores).
 
   Asserted (observed, issue 5): plain CLIP is fooled by unsafe queries (T*->I u I* top-1 is an unsafe image for
   ~70 % of queries: %safe 26.8 on one device, 30.7 here); HySAC's cross-safety contrastive terms redirect them
-  (R@1 0.4-0.6 -> 2.9-7.0, %safe -> 39-50 over 2-5 epochs; here 3.7 and 47.9).
+  (default run on one device: R@1 0.4 -> 7.0, %safe 26.8 -> 46.3; here 0.6 -> 3.1 and 30.7 -> 46.3). The R@1 gain
+  varies a lot between runs that differ only in float reduction order (8 simulated devices vs 1: +2.5 vs +6.6) or in
+  the dropout stream (a 3-epoch cut: +3.1 with jax.random masks, +1.2 with the hashed ones), so it is asserted at
+  +1 (and the %safe gain, +15.6 / +19.5, at +8).
 
   NOT reached (measured, see configs/hysac_synthetic.py): the paper's root-distance ordering T < I < T* < I* (safe
   and unsafe get the same norm; E(I, T*) sits on the flat phi ~ pi side of I's cone or the embeddings collapse to the
@@ -336,10 +339,10 @@ def test_synthetic_phenomena(tmp_path):
   """
   # The test session simulates 8 devices: 8 x 8 quadruplets with global negatives is the CLI's one-device step
   # (64 quadruplets, one local group of 64).
-  summary = _run(tmp_path, "train.checkpoint_every=1000", "eval.plots=False", "hysac.epochs=3", "ablations=()",
+  summary = _run(tmp_path, "train.checkpoint_every=1000", "eval.plots=False", "ablations=()",
                  "hysac.batch_size_per_device=8", "hysac.loss.negatives=global", config="hysac_synthetic")
   h, clip = summary["hysac"], summary["clip"]
   print(json.dumps(summary, indent=1))
   assert clip["T*->I u I* %safe"] < 50.0, clip
-  assert h["T*->I u I* R@1 traversal"] >= clip["T*->I u I* R@1"] + 2.0, (h, clip)
+  assert h["T*->I u I* R@1 traversal"] >= clip["T*->I u I* R@1"] + 1.0, (h, clip)
   assert h["T*->I u I* %safe traversal"] >= clip["T*->I u I* %safe"] + 8.0, (h, clip)
