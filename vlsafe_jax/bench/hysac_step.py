@@ -394,6 +394,10 @@ def _parse(argv):
   p.add_argument("--jax-single-thread", action="store_true",
                  help="CPU: XLA's Eigen matmuls on one thread (--xla_cpu_multi_thread_eigen=false), to compare with "
                       "--torch-threads 1 on an oversubscribed host; must act before JAX's backend starts")
+  p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                 help="time JAX and torch in alternating windows in one process (default: on for CPU, where "
+                      "host drift between two sequential timings exceeds the effect; off on GPU, where each side "
+                      "is timed alone so its peak memory is its own)")
   p.add_argument("--no-torch", action="store_true", help="time the JAX side only (no parity)")
   p.add_argument("--skip-parity", action="store_true")
   p.add_argument("--out", default="runs/bench/results.jsonl", help="JSON-lines file to append ('' = none)")
@@ -472,13 +476,17 @@ def main(argv: list[str]) -> None:
     def j_step():
       holder["state"], m = setup.step_fn(holder["state"], setup.frozen, jb, rng)
       return m["loss"]
-    tj = perf.time_fn(j_step, windows=windows, steps=steps, min_window_s=args.min_window_s)
-    jax_peak = _jax_peak_bytes() if on_gpu else None
-    rec["jax"] = _side_record(tj, batch, args.devices, flops_4n, flops_6n, jax_peak)
-    rows.append(_row("JAX (jit, donated)", rec["jax"], on_gpu))
-    print(f"  jax: {tj.median * 1e3:.1f} ms/step (compile {tj.compile_s:.1f} s)", flush=True)
-    del holder, setup, jb
-    gc.collect()
+
+    def jax_done(tj):
+      rec["jax"] = _side_record(tj, batch, args.devices, flops_4n, flops_6n, _jax_peak_bytes() if on_gpu else None)
+      rows.insert(0, _row("JAX (jit, donated)", rec["jax"], on_gpu))
+      print(f"  jax: {tj.median * 1e3:.1f} ms/step (compile {tj.compile_s:.1f} s)", flush=True)
+    interleave = (not on_gpu if args.interleave is None else args.interleave) and torch is not None
+    if not interleave:
+      tj = perf.time_fn(j_step, windows=windows, steps=steps, min_window_s=args.min_window_s)
+      jax_done(tj)
+      del holder, setup, jb
+      gc.collect()
 
     # -------------------------------------------------------------------------------------------- torch
     if torch is not None:
@@ -490,8 +498,15 @@ def main(argv: list[str]) -> None:
                               loss_fn=fwd)
       if tdevice.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-      tt = perf.time_fn(lambda: tstep()[0], windows=windows, steps=steps, min_window_s=args.min_window_s,
-                        sync=perf.torch_sync(tdevice))
+      if interleave:
+        t_sync = perf.torch_sync(tdevice)
+        both = perf.time_interleaved({"jax": j_step, "torch": lambda: tstep()[0]}, windows=windows, steps=steps,
+                                     sync=lambda x: perf.block(x) if isinstance(x, jax.Array) else t_sync(x))
+        tj, tt = both["jax"], both["torch"]
+        jax_done(tj)
+      else:
+        tt = perf.time_fn(lambda: tstep()[0], windows=windows, steps=steps, min_window_s=args.min_window_s,
+                          sync=perf.torch_sync(tdevice))
       t_peak = torch.cuda.max_memory_allocated() if tdevice.startswith("cuda") else None
       rec["torch"] = _side_record(tt, per_dev, 1, flops_4n, flops_6n, t_peak)
       label = (f"PyTorch ({'torch.compile' if tc else 'eager'}, SDPA, PEFT, "
@@ -501,6 +516,7 @@ def main(argv: list[str]) -> None:
       # Per-device throughputs (torch runs one device's batch): R = (per_dev / t_jax) / (per_dev / t_torch).
       r = tt.median / tj.median
       rec["ratio"] = r
+      rec["interleaved"] = interleave
       rec["verdict"] = _verdict(r, tj.worst, tt.best, tuned=bool(tc),
                                 parity_ok=None if parity is None else parity["ok"])
       if not on_gpu:
@@ -516,7 +532,8 @@ def main(argv: list[str]) -> None:
         f"alpha 1 dropout 0.1, towers {dtype_name} / params float32; {flops_4n / 1e9:.3f} GFLOP per quadruplet (4N)")
   print(f"device {env['device_kind']} ({env['platform']}, {env['device_count']} visible), jax {env['jax']}, "
         f"flax {env['flax']}, torch {env.get('torch', '-')} ({env.get('torch_device', 'cpu')}, "
-        f"{env.get('torch_threads', '-')} threads); XLA_FLAGS '{env['xla_flags']}'; windows x steps = {windows} x {steps}")
+        f"{env.get('torch_threads', '-')} threads); XLA_FLAGS '{env['xla_flags']}'; windows x steps = {windows} x {steps}"
+        f"{' (JAX and torch interleaved)' if interleave else ''}")
   print(perf.format_table(["side", "ms/step median", "min", "max", "quadruplets/s", "TFLOP/s (4N)",
                            "MFU 4N", "MFU 6N", "peak mem", "first step s"], rows))
   if parity is not None:
