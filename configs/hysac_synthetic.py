@@ -79,7 +79,9 @@ def get_config(arg=None):
   # a stage-1 CLIP at fixed logit scale 100 (clip_model.logit_scale_init=4.6052) still has matched cos(I, T) 0.97
   # (real CLIP: ~0.3); injecting a real-CLIP-like constant modality gap (|g| = 1.5 or 3, via the final LayerNorm
   # biases) does not help either: T* and T, I* and I still differ by < 0.003 in root distance (E(I, T*) 0.7-2.1).
-  # So the towers' LoRA never learns hazard-dependent norms here; the cause is not the modality gap.
+  # So the towers' LoRA never learns hazard-dependent norms here; the cause is not the modality gap. Every run (fixed
+  # c = 1 or 10, scalars at lr/50, logit scale held at 1/0.07, 20 epochs) ends at sqrt(c)|x| <= 2K = 0.2, where the
+  # aperture is clipped at its widest (the attractor of facebookresearch/meru#4); README "Further measurements".
   # So the values below are kept; see tests/train/test_hysac_train.py::test_synthetic_phenomena for what holds.
   c.hysac.optim = ml_collections.ConfigDict(dict(lr=5e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.2,
                                                  schedule="constant", warmup_steps=0, scalar_lr_multiplier=1.0))
