@@ -192,11 +192,7 @@ def collect_states(model, tokenizer, items: Sequence[Any], *, vectors=None, alph
                  f"({sum(not it.caption for it in items)} of {len(items)} without)")
   steer_v = None
   if vectors is not None:
-    tc = model.config.text_config
-    v = np.asarray(vectors, np.float32)
-    if v.shape != (tc.num_hidden_layers, tc.hidden_size):
-      raise ValueError(f"cmrm vectors shape {v.shape} != (decoder layers, hidden) = "
-                       f"({tc.num_hidden_layers}, {tc.hidden_size})")
+    v = steer.dataset_vectors(vectors, model.config.text_config)
     steer_v = steer.steer_kwargs(v, alpha, layers=layers)["steer_vectors"]
     if apply not in steer.APPLY_MODES:
       raise ValueError(f"cmrm.apply {apply!r} unknown; expected one of {steer.APPLY_MODES}")

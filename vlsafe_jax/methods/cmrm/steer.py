@@ -56,6 +56,15 @@ def prompt_steer_mask(attention_mask_bt: np.ndarray, apply: str) -> np.ndarray:
   raise ValueError(f"cmrm.apply {apply!r} unknown; expected one of {APPLY_MODES}")
 
 
+def dataset_vectors(vectors, text_config) -> np.ndarray:
+  """``vectors`` as float32 (L, D), checked against the decoder's (layers, hidden size); a clear error otherwise."""
+  v = np.asarray(vectors, np.float32)
+  if v.shape != (text_config.num_hidden_layers, text_config.hidden_size):
+    raise ValueError(f"cmrm vectors shape {v.shape} != (decoder layers, hidden) = "
+                     f"({text_config.num_hidden_layers}, {text_config.hidden_size})")
+  return v
+
+
 def steer_kwargs(vectors, alpha: float, *, layers: Any = "all", apply: str = "all",
                  attention_mask_bt: np.ndarray | None = None) -> dict[str, Any]:
   """``llava.generate`` / ``decoding.generate`` keyword arguments for (L, D) or (B, L, D) ``vectors``.
@@ -91,15 +100,10 @@ class Steerer:
                noise_seed: int = 0, batch_size: int = 16):
     if level not in DEFAULT_ALPHA:
       raise ValueError(f"cmrm level {level!r} unknown; expected 'dataset' or 'sample'")
-    cfg = model.config.text_config
     if level == "dataset":
       if vectors is None:
         raise ValueError("dataset-level steering needs vectors (L, D)")
-      v = np.asarray(vectors, np.float32)
-      if v.shape != (cfg.num_hidden_layers, cfg.hidden_size):
-        raise ValueError(f"cmrm vectors shape {v.shape} != (decoder layers, hidden) = "
-                         f"({cfg.num_hidden_layers}, {cfg.hidden_size})")
-      self.vectors = v
+      self.vectors = dataset_vectors(vectors, model.config.text_config)
     self.model, self.level, self.layers, self.apply = model, level, layers, apply
     self.alpha = DEFAULT_ALPHA[level] if alpha is None else float(alpha)
     self.extract, self.corrupt, self.noise_seed, self.batch_size = extract, corrupt, noise_seed, batch_size
@@ -128,4 +132,4 @@ class Steerer:
                         attention_mask_bt=batch.attention_mask)
 
 
-__all__ = ["APPLY_MODES", "DEFAULT_ALPHA", "layer_mask", "prompt_steer_mask", "steer_kwargs", "Steerer"]
+__all__ = ["APPLY_MODES", "DEFAULT_ALPHA", "dataset_vectors", "layer_mask", "prompt_steer_mask", "steer_kwargs", "Steerer"]
