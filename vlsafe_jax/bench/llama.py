@@ -92,8 +92,9 @@ def decode_rows(results, b: int, p_len: int, n_new: int, text_cfg, bytes_per: in
 
   Decode rate = ``b * (n_new - 1) / (t(generate n_new) - t(generate 1))``, which cancels the prefill and the first
   token (robust to prefill noise); at batch 1 the achieved weight+KV bandwidth is added (vs the device peak when
-  known). Returns ``(rows, [(side, prefill, generate, generate1, tok_s, bytes_per_s)])``; JAX/torch-eager ratio rows
-  close the list when both sides ran. Shared by the ``llama`` and ``llava`` benchmarks.
+  known). Returns ``(rows, [(side, record fields)])``: the fields are the JSON record's timing entries (prefill,
+  generate and generate(1) medians and windows, compile time, decode tokens/s and bytes/s); JAX/torch-eager ratio
+  rows close the list when both sides ran. Shared by the ``llama`` and ``llava`` benchmarks.
   """
   rows, measured = [], []
   for side, (tp, tg, t1) in results.items():
@@ -108,7 +109,10 @@ def decode_rows(results, b: int, p_len: int, n_new: int, text_cfg, bytes_per: in
     else:
       row.append("")
     rows.append(row)
-    measured.append((side, tp, tg, t1, tok_s, bw))
+    measured.append((side, {"prefill_s": tp.median, "prefill_windows": tp.window_s, "generate_s": tg.median,
+                            "generate_windows": tg.window_s, "generate1_s": t1.median,
+                            "generate1_windows": t1.window_s, "compile_s": tg.compile_s, "decode_tok_s": tok_s,
+                            "decode_bytes_s": bw}))
   if "torch eager" in results and "jax" in results:
     (jp, jg, j1), (tp_, tg_, t1_) = results["jax"], results["torch eager"]
     ratio = (tg_.median - t1_.median) / (jg.median - j1.median)
@@ -178,13 +182,9 @@ def main(argv: list[str]) -> None:
         hf.forward = type(hf).forward.__get__(hf)
     new_rows, measured = decode_rows(results, b, p_len, n_new, cfg, bytes_per)
     rows.extend(new_rows)
-    for side, tp, tg, t1, tok_s, bw in measured:
+    for side, fields in measured:
       records.append({"workload": "W6/W7 llama decoder", "side": side, "preset": args.preset, "dtype": args.dtype,
-                      "batch": b, "prompt_len": p_len, "new_tokens": n_new, "prefill_s": tp.median,
-                      "prefill_windows": tp.window_s, "generate_s": tg.median, "generate_windows": tg.window_s,
-                      "generate1_s": t1.median, "generate1_windows": t1.window_s,
-                      "compile_s": tg.compile_s, "decode_tok_s": tok_s, "decode_bytes_s": bw,
-                      "weights": "random", **env})
+                      "batch": b, "prompt_len": p_len, "new_tokens": n_new, **fields, "weights": "random", **env})
   print(f"device: {env['device_kind']} ({env['platform']}, {env['device_count']} device(s)); jax {env['jax']}, "
         f"torch {env.get('torch', '-')} on {torch_device}; preset {args.preset}, {args.dtype}, random weights")
   print(perf.format_table(["side", "batch", "prompt", "new", "prefill ms", "prefill tok/s", "generate s",

@@ -188,12 +188,9 @@ def main(argv: list[str]) -> None:
         lm.forward = type(lm).forward.__get__(lm)
     new_rows, measured = decode_rows(results, b, p_len, n_new, cfg.text_config, bytes_per)
     rows.extend(new_rows)
-    for side, tp, tg, t1, tok_s, bw in measured:
+    for side, fields in measured:
       records.append({"workload": "W6/W7 llava", "side": side, "preset": args.preset, "dtype": dtype_name,
-                      "batch": b, "prompt_len": p_len, "image_tokens": n_img, "new_tokens": n_new,
-                      "prefill_s": tp.median, "prefill_windows": tp.window_s, "generate_s": tg.median,
-                      "generate_windows": tg.window_s, "generate1_s": t1.median, "generate1_windows": t1.window_s,
-                      "compile_s": tg.compile_s, "decode_tok_s": tok_s, "decode_bytes_s": bw,
+                      "batch": b, "prompt_len": p_len, "image_tokens": n_img, "new_tokens": n_new, **fields,
                       "prefill_flops": b * LV.llava_prefill_flops(cfg, p_len - n_img), "weights": "random", **env})
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
   for r in records:
