@@ -1,5 +1,8 @@
 """HySAC model: trainable set, L/14 LoRA count, float32 lifting with clamped scalars, root distance, scores,
 trainable-state files (hysac.md §2, §4.2, §7)."""
+import sys
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,14 +16,9 @@ from vlsafe_jax.methods.hysac import scalars as S
 from vlsafe_jax.models import clip as C
 from vlsafe_jax.models import lora as L
 
-# Prime/odd sizes; text vocab 53 with EOS = 52 (the largest id, argmax pooling).
-TINY = C.CLIPConfig(
-    text_config=C.CLIPTextConfig(vocab_size=53, hidden_size=14, intermediate_size=22, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=7, projection_dim=11,
-                                 eos_token_id=52),
-    vision_config=C.CLIPVisionConfig(image_size=10, patch_size=5, hidden_size=14, intermediate_size=22,
-                                     num_hidden_layers=1, num_attention_heads=2, projection_dim=11),
-    projection_dim=11)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from _clip_configs import L14, TINY  # noqa: E402
+
 OPTS = H.HySACOptions(lora_rank=3, lora_dropout=0.0)
 
 
@@ -40,13 +38,7 @@ def _inputs(b=3):
 
 
 def test_l14_lora_count_and_scalars():
-  l14 = C.CLIPConfig(
-      text_config=C.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                   num_attention_heads=12, projection_dim=768, eos_token_id=2),
-      vision_config=C.CLIPVisionConfig(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                                       num_hidden_layers=24, num_attention_heads=16, projection_dim=768),
-      projection_dim=768)
-  abstract = H.abstract_hysac(l14)
+  abstract = H.abstract_hysac(L14)
   assert H.trainable_param_count(abstract) == {"lora": 8_676_544, "scalars": 4}
   # Exactly LoRA + the four scalars are trainable; alpha init uses embed_dim 768.
   names = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(abstract, H.TRAINABLE))}

@@ -17,6 +17,8 @@ from flax import nnx
 from vlsafe_jax.models import clip as C
 from vlsafe_jax.models import lora as L
 
+from _clip_configs import L14  # tests/models is on sys.path (pytest prepends this file's folder)
+
 RTOL = ATOL = 1e-5
 
 TINY = C.CLIPConfig(
@@ -208,13 +210,7 @@ def test_training_step_changes_only_lora():
 
 def test_param_count_hysac_l14():
   # hysac.md §4.2: 24 x 262,144 (vision) + 25,792 (patch) + 12 x 196,608 (text) = 8,676,544. Abstract: no FLOPs.
-  l14 = C.CLIPConfig(
-      text_config=C.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                   num_attention_heads=12, projection_dim=768, eos_token_id=2),
-      vision_config=C.CLIPVisionConfig(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                                       num_hidden_layers=24, num_attention_heads=16, projection_dim=768),
-      projection_dim=768)
-  abstract = nnx.eval_shape(lambda: L.apply_lora(C.CLIP(l14, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1)))
+  abstract = nnx.eval_shape(lambda: L.apply_lora(C.CLIP(L14, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1)))
   assert L.lora_param_count(abstract) == 8_676_544
   assert len(L.lora_sites(abstract)) == 24 * 5 + 12 * 5 + 1
 

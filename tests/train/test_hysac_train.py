@@ -2,6 +2,7 @@
 step vs single device (global / local negatives), one trace, what trains, weight-decay mask, in-step clamps, and
 (slow) the synthetic benchmark's phenomena after the default run's settings."""
 import json
+import sys
 from pathlib import Path
 
 import chex
@@ -20,6 +21,9 @@ from vlsafe_jax.methods.hysac import model as H
 from vlsafe_jax.models import clip as C
 from vlsafe_jax.train import __main__ as train_main
 from vlsafe_jax.train import common, hysac_trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from _clip_configs import TINY  # noqa: E402
 
 # Timing fields differ between runs; everything else in metrics.jsonl must match exactly.
 TIMING = ("examples_per_s", "examples_per_s_per_device", "mfu")
@@ -146,13 +150,6 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(smoke_run, tmp_path
 # --------------------------------------------------------------------------------------------------------------
 # The train step on 8 simulated devices
 
-TINY = C.CLIPConfig(
-    text_config=C.CLIPTextConfig(vocab_size=53, hidden_size=14, intermediate_size=22, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=7, projection_dim=11,
-                                 eos_token_id=52),
-    vision_config=C.CLIPVisionConfig(image_size=10, patch_size=5, hidden_size=14, intermediate_size=22,
-                                     num_hidden_layers=1, num_attention_heads=2, projection_dim=11),
-    projection_dim=11)
 OPTIM = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.2, schedule="constant",
                                        warmup_steps=0))
 B = 16
