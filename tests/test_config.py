@@ -47,3 +47,15 @@ def test_missing_file_lists_known_configs(tmp_path):
 def test_split_cli():
   flags, overrides = config.split_cli(["--config", "x.py", "--workdir=/tmp/r", "a.b=1", "c=2"])
   assert flags == {"config": "x.py", "workdir": "/tmp/r"} and overrides == ["a.b=1", "c=2"]
+
+
+def test_load_cli_command_workdir_and_errors(cfg_file):
+  cfg, workdir, command = config.load_cli(["--config", str(cfg_file), "steps=3", "sweep"], "unused",
+                                          commands=("extract", "sweep"))
+  assert (cfg.steps, str(workdir), command) == (3, "runs/toy", "sweep")
+  cfg, workdir, command = config.load_cli([f"--config={cfg_file}:run7", "--workdir", "/tmp/w"], "unused")
+  assert (cfg.name, str(workdir), command) == ("run7", "/tmp/w", None)
+  with pytest.raises(SystemExit, match="one command"):
+    config.load_cli(["--config", str(cfg_file), "sweep", "extract"], "unused", commands=("extract", "sweep"))
+  with pytest.raises(SystemExit, match="unknown option"):
+    config.load_cli(["--config", str(cfg_file), "--wrkdir", "x"], "unused")

@@ -123,4 +123,22 @@ def split_cli(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
   return flags, overrides
 
 
-__all__ = ["load", "apply_overrides", "split_cli", "to_dict", "resolve_path", "CONFIG_DIR"]
+def load_cli(argv: Sequence[str], default_config: str, commands: Sequence[str] = ()
+             ) -> tuple[ml_collections.ConfigDict, Path, str | None]:
+  """The entry points' ``[--config C] [--workdir DIR] [COMMAND] [key=value ...]`` command line.
+
+  Returns ``(config with overrides, run directory (default runs/<config name>), the one COMMAND given or None)``;
+  a second command or an unknown ``--flag`` exits with a usage message.
+  """
+  flags, rest = split_cli(argv)
+  given = [a for a in rest if a in commands]
+  if len(given) > 1:
+    raise SystemExit(f"give one command of {tuple(commands)}, got {given}")
+  unknown = set(flags) - {"config", "workdir"}
+  if unknown:
+    raise SystemExit(f"unknown option(s) {sorted('--' + u for u in unknown)}; use --config, --workdir, key=value")
+  cfg = load(flags.get("config", default_config), [a for a in rest if a not in commands])
+  return cfg, Path(flags.get("workdir", Path("runs") / cfg.name)), (given[0] if given else None)
+
+
+__all__ = ["load", "load_cli", "apply_overrides", "split_cli", "to_dict", "resolve_path", "CONFIG_DIR"]

@@ -6,7 +6,6 @@ Loads a ``get_config()`` file (default ``configs/uwm_synthetic.py``), applies ov
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from vlsafe_jax import config as config_lib
 
@@ -14,13 +13,9 @@ DEFAULT_CONFIG = "uwm_synthetic"
 
 
 def main(argv: list[str]) -> dict:
-  flags, overrides = config_lib.split_cli(argv)
-  unknown = set(flags) - {"config", "workdir"}
-  if unknown:
-    raise SystemExit(f"unknown option(s) {sorted('--' + u for u in unknown)}; use --config, --workdir, key=value")
-  cfg = config_lib.load(flags.get("config", DEFAULT_CONFIG), overrides)
+  cfg, workdir, _ = config_lib.load_cli(argv, DEFAULT_CONFIG)
   from vlsafe_jax.methods.uwm import run  # after config parsing: a bad flag fails fast
-  return run.run(cfg, Path(flags.get("workdir", Path("runs") / cfg.name)))
+  return run.run(cfg, workdir)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 
 from vlsafe_jax import config as config_lib
 
@@ -22,16 +21,10 @@ TRAINERS = {
 
 
 def main(argv: list[str]) -> dict:
-  flags, overrides = config_lib.split_cli(argv)
-  unknown = set(flags) - {"config", "workdir"}
-  if unknown:
-    raise SystemExit(f"unknown option(s) {sorted('--' + u for u in unknown)}; use --config, --workdir, key=value")
-  cfg = config_lib.load(flags.get("config", DEFAULT_CONFIG), overrides)
+  cfg, workdir, _ = config_lib.load_cli(argv, DEFAULT_CONFIG)
   if cfg.trainer not in TRAINERS:
-    raise SystemExit(f"config {flags.get('config', DEFAULT_CONFIG)} names unknown trainer {cfg.trainer!r}; "
-                     f"known: {sorted(TRAINERS)}")
+    raise SystemExit(f"config {cfg.name} names unknown trainer {cfg.trainer!r}; known: {sorted(TRAINERS)}")
   module, fn = TRAINERS[cfg.trainer].split(":")
-  workdir = Path(flags.get("workdir", Path("runs") / cfg.name))
   return getattr(importlib.import_module(module), fn)(cfg, workdir)
 
 
