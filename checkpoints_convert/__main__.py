@@ -64,12 +64,7 @@ def _cmd_llava_export(args) -> None:
 def _cmd_llama(args) -> None:
   from checkpoints_convert import llama
   t0 = time.perf_counter()
-  dt = None if args.param_dtype is None else args.param_dtype
-  if dt == "bfloat16":
-    import jax.numpy as jnp
-    dt = jnp.bfloat16
-  model = llama.load_llama(args.src, param_dtype=dt)
-  out = llama.save_converted(model, args.dst, src=args.src)
+  out = llama.convert_cli(args.src, args.dst, args.param_dtype)
   print(f"converted {args.src} -> {out} in {time.perf_counter() - t0:.1f} s")
 
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints_convert.mapping import IDENTITY_KEYMAP, KeyMap, Rule, Transform, export_tensors, load_state
+from checkpoints_convert.mapping import (IDENTITY_KEYMAP, KeyMap, Rule, Transform, dtype_from_name, export_tensors,
+                                         load_state)
 from checkpoints_convert.safetensors_io import (MARKER, converted_weights, has_format, open_hf_weights, parse_config,
                                                 save_safetensors)
 
@@ -151,16 +152,12 @@ def export_hf(model, dst: str | os.PathLike, *, dtype: Any = None, src: str | os
 
 def convert_cli(src: str, dst: str, param_dtype: str | None = None) -> Path:
   """``python -m checkpoints_convert clip``: HF directory -> converted directory."""
-  model = load_clip(src, param_dtype=None if param_dtype is None else np.dtype(param_dtype)
-                    if param_dtype != "bfloat16" else jnp.bfloat16)
-  return save_converted(model, dst, src=src)
+  return save_converted(load_clip(src, param_dtype=dtype_from_name(param_dtype)), dst, src=src)
 
 
 def export_cli(src: str, dst: str, dtype: str | None = None) -> Path:
   """``python -m checkpoints_convert export``: converted (or HF) directory -> HF directory."""
-  model = load_clip(src)
-  cast = None if dtype is None else (jnp.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
-  return export_hf(model, dst, dtype=cast, src=src)
+  return export_hf(load_clip(src), dst, dtype=dtype_from_name(dtype), src=src)
 
 
 __all__ = ["CLIP_RULES", "CLIP_KEYMAP", "load_clip", "save_converted", "export_hf", "is_converted",

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from checkpoints_convert.mapping import (IDENTITY_KEYMAP, KeyMap, Rule, Transform, _is_float, flat_abstract,
-                                         plan_import)
+from checkpoints_convert.mapping import (IDENTITY_KEYMAP, KeyMap, Rule, Transform, _is_float, dtype_from_name,
+                                         export_tensors, flat_abstract, load_state, plan_import)
 from checkpoints_convert.safetensors_io import (MARKER, converted_weights, has_format, open_hf_weights, parse_config,
                                                 save_safetensors)
 
@@ -190,7 +190,6 @@ def load_llama(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype
     from vlsafe_jax import sharding
     shardings = sharding.state_shardings(abs_state, mesh)
   if is_converted(d):
-    from checkpoints_convert.mapping import load_state
     state = load_state(IDENTITY_KEYMAP, converted_weights(d, FLAX_WEIGHTS), abs_state, source_name=str(d),
                        param_dtype=param_dtype, shardings=shardings, progress=progress)
     return nnx.merge(graphdef, state)
@@ -212,7 +211,6 @@ def is_converted(directory: str | os.PathLike) -> bool:
 
 def save_converted(model, dst: str | os.PathLike, *, src: str | os.PathLike | None = None) -> Path:
   """Converted directory: the source config.json, a marker, ``flax_model.safetensors`` (nnx paths, stacked)."""
-  from checkpoints_convert.mapping import export_tensors
   dst = Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
   save_safetensors(dst / FLAX_WEIGHTS, export_tensors(IDENTITY_KEYMAP, nnx.state(model, nnx.Param)),
@@ -238,5 +236,10 @@ def export_hf(model, dst: str | os.PathLike, *, dtype: Any = None, hf_config: di
   return dst
 
 
-__all__ = ["LLAMA_RULES", "LLAMA_KEYMAP", "load_llama", "load_llama_state", "export_llama_tensors", "export_hf",
+def convert_cli(src: str, dst: str, param_dtype: str | None = None) -> Path:
+  """``python -m checkpoints_convert llama``: HF directory -> converted directory."""
+  return save_converted(load_llama(src, param_dtype=dtype_from_name(param_dtype)), dst, src=src)
+
+
+__all__ = ["convert_cli", "LLAMA_RULES", "LLAMA_KEYMAP", "load_llama", "load_llama_state", "export_llama_tensors", "export_hf",
            "read_config", "abstract_llama", "virtual_targets", "save_converted", "is_converted"]

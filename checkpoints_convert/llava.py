@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 from checkpoints_convert.llama import export_llama_tensors, load_llama_state
-from checkpoints_convert.mapping import (IDENTITY_KEYMAP, ConversionError, KeyMap, Rule, Transform, export_tensors,
-                                         load_state)
+from checkpoints_convert.mapping import (IDENTITY_KEYMAP, ConversionError, KeyMap, Rule, Transform, dtype_from_name,
+                                         export_tensors, load_state)
 from checkpoints_convert.safetensors_io import (MARKER, converted_weights, has_format, open_hf_weights, parse_config,
                                                 save_safetensors)
 
@@ -281,20 +281,14 @@ def export_hf(model, dst: str | os.PathLike, *, dtype: Any = None, vision_naming
   return dst
 
 
-def _dtype(name: str | None):
-  if name is None:
-    return None
-  return jnp.bfloat16 if name == "bfloat16" else np.dtype(name)
-
-
 def convert_cli(src: str, dst: str, param_dtype: str | None = None) -> Path:
   """``python -m checkpoints_convert llava``: HF directory -> converted directory."""
-  return save_converted(load_llava(src, param_dtype=_dtype(param_dtype)), dst, src=src)
+  return save_converted(load_llava(src, param_dtype=dtype_from_name(param_dtype)), dst, src=src)
 
 
 def export_cli(src: str, dst: str, dtype: str | None = None, vision_naming: str = "v5") -> Path:
   """``python -m checkpoints_convert llava-export``: converted (or HF) directory -> HF directory."""
-  return export_hf(load_llava(src), dst, dtype=_dtype(dtype), vision_naming=vision_naming, src=src)
+  return export_hf(load_llava(src), dst, dtype=dtype_from_name(dtype), vision_naming=vision_naming, src=src)
 
 
 __all__ = ["LLAVA_RULES", "LLAVA_KEYMAP", "canonical_key", "NormalisedSource", "load_llava", "load_llava_state",

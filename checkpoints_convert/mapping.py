@@ -256,5 +256,13 @@ def export_tensors(keymap: KeyMap, state: nnx.State, dtype: Any = None) -> Itera
 IDENTITY_KEYMAP = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
 
 
-__all__ = ["Transform", "Rule", "KeyMap", "IDENTITY_KEYMAP", "ConversionError", "plan_import", "load_state", "export_tensors",
+def dtype_from_name(name: str | None):
+  """A CLI dtype name (``float32`` / ``bfloat16`` / ``float16``) -> ``jnp.bfloat16`` or a numpy dtype; None (keep
+  the stored dtype) stays None."""
+  if name is None:
+    return None
+  return jnp.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+__all__ = ["dtype_from_name", "Transform", "Rule", "KeyMap", "IDENTITY_KEYMAP", "ConversionError", "plan_import", "load_state", "export_tensors",
            "flat_abstract", "path_str"]

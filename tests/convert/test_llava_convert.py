@@ -163,6 +163,10 @@ def test_cli_llama_converted_directory(tmp_path):
   build_llama("llama", tmp_path / "hf")
   cli.main(["llama", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "conv")])
   _assert_same(Llama.from_pretrained(tmp_path / "hf"), Llama.from_pretrained(tmp_path / "conv"))
+  cli.main(["llama", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "bf16"), "--param-dtype", "bfloat16"])
+  dtypes = {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(Llama.from_pretrained(tmp_path / "bf16"),
+                                                                         nnx.Param))}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}, dtypes
 
 
 @pytest.mark.multidevice
