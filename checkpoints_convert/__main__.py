@@ -8,7 +8,7 @@
   hysac   --src hysac_model.pth [--bounds hysac_bounds.json] --base HF_CLIP_DIR --dst OUT_DIR
           released HySAC weights -> HySAC trainable-state dir (methods/hysac/model.py load_hysac)
 
-New model families add a ``_cmd_<name>(args)`` and a sub-parser in ``_parser()``.
+New model families add a module with ``convert_cli`` (and ``export_cli``) and a sub-parser in ``_parser()``.
 """
 from __future__ import annotations
 
@@ -18,16 +18,18 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _cmd_clip(args) -> None:
-  from checkpoints_convert import clip
+def _cmd_convert(args) -> None:
+  """``clip`` / ``llava`` / ``llama``: the family module's ``convert_cli`` (HF directory -> converted directory)."""
+  family = importlib.import_module(f"checkpoints_convert.{args.cmd}")
   t0 = time.perf_counter()
-  out = clip.convert_cli(args.src, args.dst, args.param_dtype)
+  out = family.convert_cli(args.src, args.dst, args.param_dtype)
   print(f"converted {args.src} -> {out} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -46,26 +48,12 @@ def _cmd_hysac(args) -> None:
   print(f"imported {args.src} -> {out} (base CLIP {args.base}) in {time.perf_counter() - t0:.1f} s")
 
 
-def _cmd_llava(args) -> None:
-  from checkpoints_convert import llava
-  t0 = time.perf_counter()
-  out = llava.convert_cli(args.src, args.dst, args.param_dtype)
-  print(f"converted {args.src} -> {out} in {time.perf_counter() - t0:.1f} s")
-
-
 def _cmd_llava_export(args) -> None:
   from checkpoints_convert import llava
   t0 = time.perf_counter()
   out = llava.export_cli(args.src, args.dst, args.dtype, args.vision_naming)
   print(f"exported {args.src} -> {out} (HF LLaVA layout, {args.vision_naming} vision naming) in "
         f"{time.perf_counter() - t0:.1f} s")
-
-
-def _cmd_llama(args) -> None:
-  from checkpoints_convert import llama
-  t0 = time.perf_counter()
-  out = llama.convert_cli(args.src, args.dst, args.param_dtype)
-  print(f"converted {args.src} -> {out} in {time.perf_counter() - t0:.1f} s")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("--src", required=True, help="HF directory: config.json + model.safetensors / shards / .bin")
   c.add_argument("--dst", required=True)
   c.add_argument("--param-dtype", choices=_DTYPES, default=None, help="default: keep the checkpoint dtype")
-  c.set_defaults(fn=_cmd_clip)
+  c.set_defaults(fn=_cmd_convert)
   e = sub.add_parser("export", help="vlsafe_jax CLIP directory -> HF CLIPModel directory")
   e.add_argument("--src", required=True)
   e.add_argument("--dst", required=True)
@@ -86,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
   lv.add_argument("--src", required=True, help="HF directory: config.json + model.safetensors / shards + index")
   lv.add_argument("--dst", required=True)
   lv.add_argument("--param-dtype", choices=_DTYPES, default=None, help="default: keep the checkpoint dtype")
-  lv.set_defaults(fn=_cmd_llava)
+  lv.set_defaults(fn=_cmd_convert)
   le = sub.add_parser("llava-export", help="vlsafe_jax (or HF) LLaVA directory -> HF LLaVA directory")
   le.add_argument("--src", required=True)
   le.add_argument("--dst", required=True)
@@ -98,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
   lm.add_argument("--src", required=True)
   lm.add_argument("--dst", required=True)
   lm.add_argument("--param-dtype", choices=_DTYPES, default=None, help="default: keep the checkpoint dtype")
-  lm.set_defaults(fn=_cmd_llama)
+  lm.set_defaults(fn=_cmd_convert)
   h = sub.add_parser("hysac", help="released HySAC hysac_model.pth -> HySAC trainable-state directory")
   h.add_argument("--src", required=True, help="hysac_model.pth (torch state dict; loaded with weights_only=True)")
   h.add_argument("--base", required=True, help="the HF CLIP directory it was fine-tuned from (ViT-L/14)")
