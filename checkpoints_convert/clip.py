@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from checkpoints_convert.mapping import (IDENTITY_KEYMAP, KeyMap, Rule, Transform, dtype_from_name, export_tensors,
-                                         load_state)
+                                         load_state, placement)
 from checkpoints_convert.safetensors_io import (MARKER, converted_weights, has_format, open_hf_weights, parse_config,
                                                 save_safetensors)
 
@@ -99,10 +99,7 @@ def load_clip(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype:
     source, keymap = converted_weights(d, FLAX_WEIGHTS), IDENTITY_KEYMAP
   else:
     source, keymap = open_hf_weights(d), CLIP_KEYMAP
-  shardings = None
-  if mesh is not None:
-    from vlsafe_jax import sharding
-    shardings = sharding.state_shardings(abs_state, mesh)
+  shardings = placement(abs_state, mesh)
   state = load_state(keymap, source, abs_state, source_name=str(d), param_dtype=param_dtype,
                      shardings=shardings, progress=progress)
   return nnx.merge(graphdef, state)

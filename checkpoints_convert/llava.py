@@ -31,7 +31,7 @@ from flax import nnx
 
 from checkpoints_convert.llama import export_llama_tensors, load_llama_state
 from checkpoints_convert.mapping import (IDENTITY_KEYMAP, ConversionError, KeyMap, Rule, Transform, dtype_from_name,
-                                         export_tensors, load_state)
+                                         export_tensors, load_state, placement)
 from checkpoints_convert.safetensors_io import (MARKER, converted_weights, has_format, open_hf_weights, parse_config,
                                                 save_safetensors)
 
@@ -182,10 +182,7 @@ def load_llava(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype
   config = config or read_config(d)
   graphdef, abs_state = abstract_llava(config, dtype=dtype,
                                        param_dtype=param_dtype if param_dtype is not None else jnp.float32)
-  shardings = None
-  if mesh is not None:
-    from vlsafe_jax import sharding
-    shardings = sharding.state_shardings(abs_state, mesh)
+  shardings = placement(abs_state, mesh)
   if is_converted(d):
     state = load_state(IDENTITY_KEYMAP, converted_weights(d, FLAX_WEIGHTS), abs_state, source_name=str(d),
                        param_dtype=param_dtype, shardings=shardings, progress=progress)

@@ -256,6 +256,15 @@ def export_tensors(keymap: KeyMap, state: nnx.State, dtype: Any = None) -> Itera
 IDENTITY_KEYMAP = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
 
 
+def placement(abstract_state: nnx.State, mesh=None):
+  """Shardings for :func:`load_state` (each tensor placed by the logical table over ``mesh`` as soon as it is
+  read), or None without a mesh (host arrays)."""
+  if mesh is None:
+    return None
+  from vlsafe_jax import sharding  # lazy: the converters import without the model package's sharding table
+  return sharding.state_shardings(abstract_state, mesh)
+
+
 def dtype_from_name(name: str | None):
   """A CLI dtype name (``float32`` / ``bfloat16`` / ``float16``) -> ``jnp.bfloat16`` or a numpy dtype; None (keep
   the stored dtype) stays None."""
@@ -264,5 +273,5 @@ def dtype_from_name(name: str | None):
   return jnp.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
-__all__ = ["dtype_from_name", "Transform", "Rule", "KeyMap", "IDENTITY_KEYMAP", "ConversionError", "plan_import", "load_state", "export_tensors",
+__all__ = ["dtype_from_name", "placement", "Transform", "Rule", "KeyMap", "IDENTITY_KEYMAP", "ConversionError", "plan_import", "load_state", "export_tensors",
            "flat_abstract", "path_str"]
