@@ -109,7 +109,9 @@ def dropout_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Arr
   k_2 = jax.random.bits(key, (2,), jnp.uint32)
   idx = jnp.zeros(shape, jnp.uint32)
   stride = 1
-  for axis in range(len(shape) - 1, -1, -1):          # row-major flat index built from per-axis iotas
+  # Row-major flat index from per-axis broadcasted iotas (not a reshaped 1-D iota), so under sharding each shard
+  # computes only its own indices.
+  for axis in range(len(shape) - 1, -1, -1):
     idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2 ** 32)
     stride *= shape[axis]
   h = _mix32(_mix32(idx ^ k_2[0]) + k_2[1])
