@@ -87,6 +87,11 @@ def _build(preset: str, dtype, want_torch: bool, torch_device: str):
 
 
 
+# Columns of :func:`decode_rows`' rows.
+DECODE_HEADERS = ["side", "batch", "prompt", "new", "prefill ms", "prefill tok/s", "generate s", "decode tok/s",
+                  "b1 bandwidth"]
+
+
 def decode_rows(results, b: int, p_len: int, n_new: int, text_cfg, bytes_per: int):
   """Table rows for one batch size from ``{side: (prefill, generate(n_new), generate(1)) Timings}``.
 
@@ -187,8 +192,7 @@ def main(argv: list[str]) -> None:
                       "batch": b, "prompt_len": p_len, "new_tokens": n_new, **fields, "weights": "random", **env})
   print(f"device: {env['device_kind']} ({env['platform']}, {env['device_count']} device(s)); jax {env['jax']}, "
         f"torch {env.get('torch', '-')} on {torch_device}; preset {args.preset}, {args.dtype}, random weights")
-  print(perf.format_table(["side", "batch", "prompt", "new", "prefill ms", "prefill tok/s", "generate s",
-                           "decode tok/s", "b1 bandwidth"], rows))
+  print(perf.format_table(DECODE_HEADERS, rows))
   for r in records:
     perf.append_result(r, args.out)
 

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from vlsafe_jax import perf
-from vlsafe_jax.bench.llama import decode_rows
+from vlsafe_jax.bench.llama import DECODE_HEADERS, decode_rows
 from vlsafe_jax.models import llama as L
 from vlsafe_jax.models import llava as LV
 from vlsafe_jax.models.clip import CLIPVisionConfig
@@ -199,8 +199,7 @@ def main(argv: list[str]) -> None:
   print(f"device: {env['device_kind']} ({env['platform']}, {env['device_count']} device(s)); jax {env['jax']}, "
         f"torch {env.get('torch', '-')} on {torch_device}; preset {args.preset}, {dtype_name}, random weights; "
         f"prompt = 1 BOS + {n_img} image + {args.text_len} text tokens")
-  print(perf.format_table(["side", "batch", "prompt", "new", "prefill ms", "prefill tok/s", "generate s",
-                           "decode tok/s", "b1 bandwidth"], rows))
+  print(perf.format_table(DECODE_HEADERS, rows))
   for r in records:
     perf.append_result(r, args.out)
 
