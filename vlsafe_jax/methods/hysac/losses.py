@@ -24,6 +24,7 @@ g = groups.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -147,8 +148,106 @@ def _softmax_ce_diag(logits_bm: jax.Array, offset=0) -> jax.Array:
   return jnp.sum(jax.nn.logsumexp(logits_bm, axis=-1) - pos_b, axis=-1)
 
 
+# The contrastive terms are the loss block's only O(B^2) work. Written as plain jnp (pairwise_dist -> logits -> two
+# cross-entropies) and differentiated by JAX, the compiled step (XLA:CPU, B = 1024) materialises 65 B x B float32
+# buffers and evaluates 36 B x B transcendentals per step: the arccosh/exp intermediates have several consumers
+# across forward and backward, so XLA does not fuse them, every reduction (max, sum) reads a materialised input, and
+# all of these loop fusions run on one thread while the matmuls use every core. The fused term below does the same
+# math with a hand-written VJP: the forward pass also forms the ``B x B`` "unit gradient" (everything the backward
+# needs except the incoming cotangent, a scalar per term), arccosh is evaluated once per element through a square
+# root it shares with its derivative, and the log-sum-exp shifts come from the matmul output (no transcendental
+# pass). BENCH_NOTES.md records the HLO before and after.
+
+# Distances saturate at arccosh(_Z_MAX) ~ 42.1 / sqrt(c) so that (z - 1)(z + 1) cannot overflow float32; that needs
+# points ~1e9 / sqrt(c) from the root, far beyond exp_map0's cap (2^15 / sqrt(c)).
+_Z_MAX = 1e18
+
+
+def _augment(x_bd: jax.Array, c: jax.Array, sign: float) -> jax.Array:
+  """``[x, sign * x_0]`` (..., B, D + 1): Lorentzian inner products become one plain matmul of augmented rows."""
+  x0 = jnp.sqrt(1.0 / c + jnp.sum(x_bd * x_bd, axis=-1, keepdims=True))
+  return jnp.concatenate([x_bd, sign * x0], axis=-1)
+
+
+def _arccosh_parts(z, eps):
+  """``(arccosh(clip(z, 1 + eps, _Z_MAX)), sqrt(z'^2 - 1))`` with ``z'`` the clipped z: one sqrt and one log1p.
+
+  ``arccosh(z) = log1p(t + sqrt(t (z + 1)))``, ``t = z - 1``, is exact-to-rounding near z = 1 (where the distances
+  of positive pairs live) and its square root is ``1 / arccosh'(z)``.
+  """
+  zc = jnp.clip(z, 1.0 + eps, _Z_MAX)
+  t = zc - 1.0
+  sq = jnp.sqrt(t * (zc + 1.0))
+  return jnp.log1p(t + sq), sq
+
+
+def _contrastive_parts(a_aug, z_aug, c_l, s_l, eps, with_grad: bool):
+  """Forward of :func:`contrastive` on augmented rows; with ``with_grad`` also the backward's residuals.
+
+  ``c_l``, ``s_l``: curvature and logit scale broadcast to the leading (group) shape of ``a_aug``.
+  """
+  inner_bm = jnp.matmul(a_aug, jnp.swapaxes(z_aug, -1, -2), precision=lorentz._HIGHEST)
+  b = inner_bm.shape[-1]
+  c, s = c_l[..., None, None], s_l[..., None, None]
+  rc = jax.lax.rsqrt(c)
+  acosh_bm, sq_bm = _arccosh_parts(-c * inner_bm, eps)
+  d_bm = acosh_bm * rc
+  logits_bm = -s * d_bm
+  # Stable log-sum-exp shifts: the largest logit of a row / column belongs to its largest inner product (the
+  # distance increases with -c <x, y>_L), so the max is taken on the matmul output and mapped through arccosh.
+  m_r = (-s * rc * _arccosh_parts(-c * jnp.max(inner_bm, axis=-1, keepdims=True), eps)[0])[..., 0]
+  m_c = (-s * rc * _arccosh_parts(-c * jnp.max(inner_bm, axis=-2, keepdims=True), eps)[0])[..., 0, :]
+  lse_r = m_r + jnp.log(jnp.sum(jnp.exp(logits_bm - m_r[..., :, None]), axis=-1))
+  lse_c = m_c + jnp.log(jnp.sum(jnp.exp(logits_bm - m_c[..., None, :]), axis=-2))
+  pos_b = jnp.diagonal(logits_bm, axis1=-2, axis2=-1)
+  ce = 0.5 * (jnp.sum(lse_r - pos_b, axis=-1) + jnp.sum(lse_c - pos_b, axis=-1)) / b
+  if not with_grad:
+    return ce, None
+  # d ce / d logits = (softmax over the row + softmax over the column - 2 one-hot(diagonal)) / (2B).
+  eye = jnp.eye(b, dtype=inner_bm.dtype)
+  u_bm = (0.5 / b) * (jnp.exp(logits_bm - lse_r[..., :, None]) + jnp.exp(logits_bm - lse_c[..., None, :]) - 2.0 * eye)
+  # d logits / d inner = s sqrt(c) / sqrt(z^2 - 1), and 0 where the clamp at 1 + eps (or _Z_MAX) is active: the
+  # select VJP of lorentz._dist_from_inner.
+  z_bm = -c * inner_bm
+  active = (z_bm > 1.0 + eps) & (z_bm < _Z_MAX)
+  unit_bm = jnp.where(active, u_bm * (s / rc) / jnp.where(active, sq_bm, 1.0), 0.0)
+  # sum(u * d) per term gives the scalars' gradients without another B x B pass in the backward.
+  ud = jnp.sum(u_bm * d_bm, axis=(-2, -1))
+  return ce, (a_aug, z_aug, c_l, s_l, unit_bm, ud)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _contrastive_fused(a_aug, z_aug, c_l, s_l, eps):
+  return _contrastive_parts(a_aug, z_aug, c_l, s_l, eps, with_grad=False)[0]
+
+
+def _contrastive_fused_fwd(a_aug, z_aug, c_l, s_l, eps):
+  return _contrastive_parts(a_aug, z_aug, c_l, s_l, eps, with_grad=True)
+
+
+def _contrastive_fused_bwd(eps, res, g):
+  del eps
+  a_aug, z_aug, c_l, s_l, unit_bm, ud = res
+  # inner = a z^T and d ce / d inner = g * unit.
+  da = jnp.matmul(unit_bm, z_aug, precision=lorentz._HIGHEST) * g[..., None, None]
+  dz = jnp.matmul(jnp.swapaxes(unit_bm, -1, -2), a_aug, precision=lorentz._HIGHEST) * g[..., None, None]
+  # Explicit dependence on the scalars (the time components' dependence on c flows through a_aug / z_aug):
+  #   d/ds = -g sum(u d);  d/dc = g sum(unit * inner) / c + s / (2c) g sum(u d),  and g sum(unit * inner) =
+  #   sum(da * a_aug) since inner = a z^T.
+  gud = g * ud
+  dc = jnp.sum(da * a_aug, axis=(-2, -1)) / c_l + s_l / (2.0 * c_l) * gud
+  return da, dz, dc.astype(c_l.dtype), (-gud).astype(s_l.dtype)
+
+
+_contrastive_fused.defvjp(_contrastive_fused_fwd, _contrastive_fused_bwd)
+
+
 def contrastive(a_bd, z_bd, curv, scale, eps: float = lorentz.EPS_DIST) -> jax.Array:
   """Lorentzian contrastive term ``C(A, Z)`` on one group of B aligned rows.
+
+  Equal to ``0.5 [CE(L, arange B) + CE(L^T, arange B)] / B`` summed over rows with ``L = -s pairwise_dist(A, Z)``
+  (same clamps; gradients equal to differentiating that formula, select VJPs included), computed by a fused
+  custom-VJP kernel (see the comment above).
 
   Args:
     a_bd: ``(..., B, D)`` image-side points; row b is paired with ``z_bd[b]``.
@@ -158,14 +257,20 @@ def contrastive(a_bd, z_bd, curv, scale, eps: float = lorentz.EPS_DIST) -> jax.A
     eps: distance clamp.
 
   Returns:
-    ``(...)`` mean of the image->text and text->image cross-entropies on logits ``-s d`` (``>= 0``).
+    ``(...)`` mean of the image->text and text->image cross-entropies on logits ``-s d`` (``>= 0``), in the compute
+    dtype (float32 or wider).
   """
-  d_bm = lorentz.pairwise_dist(a_bd, z_bd, curv, eps=eps)
-  logits_bm = -jnp.asarray(scale, d_bm.dtype) * d_bm
-  b = logits_bm.shape[-1]
-  ce_rows = _softmax_ce_diag(logits_bm) / b
-  ce_cols = _softmax_ce_diag(jnp.swapaxes(logits_bm, -1, -2)) / b
-  return 0.5 * (ce_rows + ce_cols)
+  dt, (a, z) = lorentz._prepare("contrastive", a_bd, z_bd)
+  if a.ndim < 2 or a.shape != z.shape:
+    raise ValueError(f"contrastive: expects two (..., B, D) arrays of one shape, got {a.shape} and {z.shape}")
+  c = lorentz._curv("contrastive", curv, dt)
+  s = jnp.asarray(scale, dt)
+  a_aug, z_aug = _augment(a, c, 1.0), _augment(z, c, -1.0)
+  # The scalars enter the kernel broadcast to the group shape *through the data* (0 * a row entry), so that under
+  # jax.shard_map they vary over the same mesh axes as the embeddings and the kernel's cotangents for them have the
+  # type JAX expects; autodiff of this broadcast then sums (and psums) them back onto the 0-d scalars.
+  zero_l = 0.0 * a_aug[..., 0, 0]
+  return _contrastive_fused(a_aug, z_aug, c + zero_l, s + zero_l, float(eps))
 
 
 def entailment_per_sample(p_bd, q_bd, curv, eta: float = 1.0, *, min_radius: float = lorentz.MIN_RADIUS,
