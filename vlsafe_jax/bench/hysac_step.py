@@ -14,8 +14,8 @@ the patch embedding, both towers) and the four scalars, and AdamW (betas (0.9, 0
   installed ``peft`` library (``LoraConfig``, same targets/rank/alpha/dropout), LoRA A/B copied from the JAX model
   (``models.lora.export_peft``), the seven-term loss of ``bench/lorentz.py`` (reused, not re-written), the scalar
   clamps before every forward, ``torch.optim.AdamW`` (``fused=True`` on CUDA; the default implementation on CPU),
-  bf16 autocast when ``--dtype bfloat16``, and ``torch.compile`` of forward + loss (``--no-torch-compile``; off by
-  default on CPU, where inductor's C++ compile takes minutes on a 2-core host).
+  bf16 autocast when ``--dtype bfloat16``, and ``torch.compile`` of forward + loss (the tuned baseline, on by default;
+  ``--no-torch-compile`` times eager PyTorch instead, and the verdict then says so).
 
 Parity (printed PASS/FAIL, before timing; what ``tests/bench/test_hysac_step_bench.py`` runs): float32, dropout off,
 nonzero LoRA B (so the adapters are active in the forward), the same batch; two full steps on each side. Checked:
@@ -31,7 +31,7 @@ device, versions and host load average; one JSON record per run appended to ``ru
 
 Presets:
   small (default)  CPU-sized: 64 px / patch 8 (65 tokens), width 256, 4 layers per tower, 32 text tokens,
-                   batch 16, float32 on CPU, torch eager.
+                   batch 16, float32 on CPU, torch.compile.
   l14              openai/clip-vit-large-patch14 shapes (224 px, 77 tokens), batch 32 per device, bf16,
                    torch.compile: for a GPU (never run on the 2-core CPU host).
 
@@ -75,7 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_attention_heads=4, max_position_embeddings=32, eos_token_id=2),
         vision=dict(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                     num_attention_heads=4),
-        projection_dim=256, seq_len=32, batch=16, lora_rank=16, dtype="auto", torch_compile=None,
+        projection_dim=256, seq_len=32, batch=16, lora_rank=16, dtype="auto", torch_compile=True,
         windows=5, steps=2),
     "l14": dict(
         text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -109,15 +109,10 @@ def hysac_config(lora_rank: int = 16, dropout: float = 0.1) -> ml_collections.Co
 # Shared weights and batch
 # ------------------------------------------------------------------------------------------------------------
 
-def write_hf_clip(spec: dict[str, Any], directory: str, seed: int = 0) -> None:
+def write_hf_clip(spec: dict[str, Any], directory: str, seed: int = 0):
   """Random-weight HF ``CLIPModel`` of the preset's shapes saved to ``directory`` (read by both sides)."""
-  import torch
-  from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-  p = spec["projection_dim"]
-  hcfg = CLIPConfig(text_config=CLIPTextConfig(projection_dim=p, **spec["text"]).to_dict(),
-                    vision_config=CLIPVisionConfig(projection_dim=p, **spec["vision"]).to_dict(), projection_dim=p)
-  torch.manual_seed(seed)
-  CLIPModel(hcfg).save_pretrained(directory)
+  from vlsafe_jax.bench.clip import write_hf
+  return write_hf(spec, directory, seed)
 
 
 def synthetic_batch(spec: dict[str, Any], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -203,7 +198,7 @@ def build_torch(hf_dir: str, spec: dict[str, Any], lora: dict[str, np.ndarray], 
   from peft import LoraConfig, get_peft_model
   from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-  from vlsafe_jax.bench.lorentz import _torch_loss_fn
+  from vlsafe_jax.bench.lorentz import torch_loss_fn
 
   transformers.logging.set_verbosity_error()  # the towers ignore the other tower's keys of a CLIPModel file
   cfg = LoraConfig(r=spec.get("lora_rank", 16), lora_alpha=1, lora_dropout=dropout, bias="none",
@@ -219,7 +214,7 @@ def build_torch(hf_dir: str, spec: dict[str, Any], lora: dict[str, np.ndarray], 
                        f"{sorted(set(mine) - theirs)[:4]}, only PEFT {sorted(theirs - set(mine))[:4]}")
     tower.load_state_dict(mine, strict=False)
     towers[name] = tower
-  loss_fn = _torch_loss_fn()
+  loss_fn = torch_loss_fn()
   bounds = scalars_lib.ScalarBounds()
 
   class TorchHySAC(torch.nn.Module):
@@ -389,7 +384,8 @@ def _parse(argv):
   p.add_argument("--min-window-s", type=float, default=0.0, help="extend each window to at least this long")
   p.add_argument("--parity-batch", type=int, default=None, help="batch of the parity check (default: min(batch, 8))")
   p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
-                 help="torch.compile forward + loss (default: the preset's; off on CPU for 'small')")
+                 help="torch.compile forward + loss, the tuned baseline (default on; inductor's C++ build adds a "
+                      "few minutes on a 2-core CPU host)")
   p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads")
   p.add_argument("--jax-single-thread", action="store_true",
                  help="CPU: XLA's Eigen matmuls on one thread (--xla_cpu_multi_thread_eigen=false), to compare with "
@@ -423,6 +419,104 @@ def _verdict(r: float, jax_worst: float, torch_best: float, tuned: bool, parity_
   return v
 
 
+def run(spec: dict[str, Any], *, batch_per_device: int, dtype_name: str, windows: int, steps: int,
+        torch_compile: bool, interleave: bool, devices: int = 1, min_window_s: float = 0.0, with_torch: bool = True,
+        parity: bool = True, parity_spec: dict[str, Any] | None = None, parity_batch: int | None = None,
+        hf_dir: str | None = None) -> dict[str, Any]:
+  """One HySAC-step measurement: parity (optional), then both sides timed; returns the record.
+
+  Args:
+    spec: preset dict (``PRESETS[...]`` shapes).
+    batch_per_device: quadruplets per device (torch runs one device's batch).
+    dtype_name: tower compute dtype, "float32" or "bfloat16".
+    torch_compile: torch.compile of forward + loss.
+    interleave: JAX and torch in alternating windows (CPU); else one after the other (GPU: per-side memory).
+    parity_spec: shapes of the parity check (default ``spec``; the suite passes a reduced-depth copy at real
+      widths on GPUs); ``parity_batch``: its batch (default min(batch, 8)).
+    hf_dir: an HF CLIP directory of ``spec``'s shapes to reuse (default: written here, random weights).
+
+  Returns:
+    ``{"jax": side, "torch": side | None, "ratio", "verdict", "parity", "torch_label", "flops_4N", "flops_6N",
+    "interleaved"}``; a side holds step times (median/min/max/windows), quadruplets/s, TFLOP/s, MFU 4N/6N, peak bytes.
+  """
+  on_gpu = jax.devices()[0].platform == "gpu"
+  dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+  per_dev = batch_per_device
+  batch = per_dev * devices
+  torch = None
+  tdevice = "cpu"
+  if with_torch:
+    import torch
+    tdevice = "cuda" if torch.cuda.is_available() else "cpu"
+  flops_4n = hysac_trainer.step_flops(_clip_config(spec), spec["seq_len"])   # per quadruplet
+  flops_6n = 1.5 * flops_4n                                                    # + weight-gradient GEMMs
+  rec: dict[str, Any] = {"flops_4N": flops_4n, "flops_6N": flops_6n, "torch": None, "parity": None}
+
+  with tempfile.TemporaryDirectory() as tmp:
+    if hf_dir is None:
+      hf_dir = tmp
+      if torch is not None:
+        write_hf_clip(spec, hf_dir)
+      else:
+        _write_hf_clip_without_torch(spec, hf_dir)
+    if torch is not None and parity:
+      pb = parity_batch or min(per_dev, 8)
+      rec["parity"] = parity_check(parity_spec or spec, batch=pb, hf_dir=None if parity_spec else hf_dir,
+                                   device=tdevice)
+      gc.collect()
+
+    host = synthetic_batch(spec, batch, seed=1)
+    setup = build_jax(hf_dir, spec, batch=batch, dtype=dtype, dropout=0.1, n_devices=devices)
+    lora, scalars = jax_trainables(setup) if torch is not None else (None, None)
+    jb = sharding.shard_batch(host, setup.mesh)
+    rng = jax.random.key(0)
+    holder = {"state": setup.state}
+
+    def j_step():
+      holder["state"], m = setup.step_fn(holder["state"], setup.frozen, jb, rng)
+      return m["loss"]
+
+    interleave = interleave and torch is not None
+    if not interleave:
+      tj = perf.time_fn(j_step, windows=windows, steps=steps, min_window_s=min_window_s)
+      rec["jax"] = _side_record(tj, batch, devices, flops_4n, flops_6n, _jax_peak_bytes() if on_gpu else None)
+      del holder, setup, jb
+      gc.collect()
+
+    if torch is not None:
+      module = build_torch(hf_dir, spec, lora, scalars, device=tdevice, dropout=0.1)
+      opt = torch_optimizer(module, tdevice)
+      fwd = torch.compile(module) if torch_compile else module
+      one_device = {k: v[:per_dev] for k, v in host.items()}
+      tstep = make_torch_step(module, opt, torch_batch(one_device, tdevice), device=tdevice,
+                              bf16=dtype == jnp.bfloat16, loss_fn=fwd)
+      if tdevice.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+      if interleave:
+        t_sync = perf.torch_sync(tdevice)
+        both = perf.time_interleaved({"jax": j_step, "torch": lambda: tstep()[0]}, windows=windows, steps=steps,
+                                     sync=lambda x: perf.block(x) if isinstance(x, jax.Array) else t_sync(x))
+        tj, tt = both["jax"], both["torch"]
+        rec["jax"] = _side_record(tj, batch, devices, flops_4n, flops_6n, None)
+      else:
+        tt = perf.time_fn(lambda: tstep()[0], windows=windows, steps=steps, min_window_s=min_window_s,
+                          sync=perf.torch_sync(tdevice))
+      t_peak = torch.cuda.max_memory_allocated() if tdevice.startswith("cuda") else None
+      rec["torch"] = _side_record(tt, per_dev, 1, flops_4n, flops_6n, t_peak)
+      rec["torch_label"] = (f"PyTorch ({'torch.compile' if torch_compile else 'eager'}, SDPA, PEFT, "
+                            f"{'fused ' if tdevice.startswith('cuda') else ''}AdamW"
+                            f"{', bf16 autocast' if dtype == jnp.bfloat16 else ''})")
+      # Per-device throughputs (torch runs one device's batch): R = (per_dev / t_jax) / (per_dev / t_torch).
+      r = tt.median / tj.median
+      rec["ratio"] = r
+      rec["verdict"] = _verdict(r, tj.worst, tt.best, tuned=bool(torch_compile),
+                                parity_ok=None if rec["parity"] is None else rec["parity"]["ok"])
+      if not on_gpu:
+        rec["verdict"] += " [CPU measurement; perf.md's claims are about GPUs]"
+  rec["interleaved"] = interleave
+  return rec
+
+
 def main(argv: list[str]) -> None:
   args = _parse(argv)
   if args.jax_single_thread:
@@ -434,97 +528,28 @@ def main(argv: list[str]) -> None:
   dtype_name = args.dtype or spec["dtype"]
   if dtype_name == "auto":
     dtype_name = "bfloat16" if on_gpu else "float32"
-  dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
   per_dev = args.batch or spec["batch"]
   batch = per_dev * args.devices
   windows, steps = args.windows or spec["windows"], args.steps or spec["steps"]
   tc = spec["torch_compile"] if args.torch_compile is None else args.torch_compile
-  if tc is None:
-    tc = on_gpu
-
-  torch = None
-  if not args.no_torch:
+  with_torch = not args.no_torch
+  if with_torch and args.torch_threads:
     import torch
-    if args.torch_threads:
-      torch.set_num_threads(args.torch_threads)
-    tdevice = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(args.torch_threads)
   env = perf.environment()
   env["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-  flops_4n = hysac_trainer.step_flops(_clip_config(spec), spec["seq_len"])   # per quadruplet
-  flops_6n = 1.5 * flops_4n                                                    # + weight-gradient GEMMs
-
-  with tempfile.TemporaryDirectory() as hf_dir:
-    if torch is not None:
-      write_hf_clip(spec, hf_dir)
-    else:
-      _write_hf_clip_without_torch(spec, hf_dir)
-    parity = None
-    if torch is not None and not args.skip_parity:
-      parity = parity_check(spec, batch=args.parity_batch or min(per_dev, 8), hf_dir=hf_dir, device=tdevice)
-      gc.collect()
-
-    host = synthetic_batch(spec, batch, seed=1)
-    rows, rec = [], {}
-
-    # ---------------------------------------------------------------------------------------------- JAX
-    setup = build_jax(hf_dir, spec, batch=batch, dtype=dtype, dropout=0.1, n_devices=args.devices)
-    lora, scalars = jax_trainables(setup) if torch is not None else (None, None)
-    jb = sharding.shard_batch(host, setup.mesh)
-    rng = jax.random.key(0)
-    holder = {"state": setup.state}
-
-    def j_step():
-      holder["state"], m = setup.step_fn(holder["state"], setup.frozen, jb, rng)
-      return m["loss"]
-
-    def jax_done(tj):
-      rec["jax"] = _side_record(tj, batch, args.devices, flops_4n, flops_6n, _jax_peak_bytes() if on_gpu else None)
-      rows.insert(0, _row("JAX (jit, donated)", rec["jax"], on_gpu))
-      print(f"  jax: {tj.median * 1e3:.1f} ms/step (compile {tj.compile_s:.1f} s)", flush=True)
-    interleave = (not on_gpu if args.interleave is None else args.interleave) and torch is not None
-    if not interleave:
-      tj = perf.time_fn(j_step, windows=windows, steps=steps, min_window_s=args.min_window_s)
-      jax_done(tj)
-      del holder, setup, jb
-      gc.collect()
-
-    # -------------------------------------------------------------------------------------------- torch
-    if torch is not None:
-      module = build_torch(hf_dir, spec, lora, scalars, device=tdevice, dropout=0.1)
-      opt = torch_optimizer(module, tdevice)
-      fwd = torch.compile(module) if tc else module
-      one_device = {k: v[:per_dev] for k, v in host.items()}
-      tstep = make_torch_step(module, opt, torch_batch(one_device, tdevice), device=tdevice, bf16=dtype == jnp.bfloat16,
-                              loss_fn=fwd)
-      if tdevice.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-      if interleave:
-        t_sync = perf.torch_sync(tdevice)
-        both = perf.time_interleaved({"jax": j_step, "torch": lambda: tstep()[0]}, windows=windows, steps=steps,
-                                     sync=lambda x: perf.block(x) if isinstance(x, jax.Array) else t_sync(x))
-        tj, tt = both["jax"], both["torch"]
-        jax_done(tj)
-      else:
-        tt = perf.time_fn(lambda: tstep()[0], windows=windows, steps=steps, min_window_s=args.min_window_s,
-                          sync=perf.torch_sync(tdevice))
-      t_peak = torch.cuda.max_memory_allocated() if tdevice.startswith("cuda") else None
-      rec["torch"] = _side_record(tt, per_dev, 1, flops_4n, flops_6n, t_peak)
-      label = (f"PyTorch ({'torch.compile' if tc else 'eager'}, SDPA, PEFT, "
-               f"{'fused ' if tdevice.startswith('cuda') else ''}AdamW{', bf16 autocast' if dtype == jnp.bfloat16 else ''})")
-      rows.append(_row(label, rec["torch"], on_gpu))
-      print(f"  torch: {tt.median * 1e3:.1f} ms/step (first step {tt.compile_s:.1f} s)", flush=True)
-      # Per-device throughputs (torch runs one device's batch): R = (per_dev / t_jax) / (per_dev / t_torch).
-      r = tt.median / tj.median
-      rec["ratio"] = r
-      rec["interleaved"] = interleave
-      rec["verdict"] = _verdict(r, tj.worst, tt.best, tuned=bool(tc),
-                                parity_ok=None if parity is None else parity["ok"])
-      if not on_gpu:
-        rec["verdict"] += " [CPU measurement; perf.md's claims are about GPUs]"
-
+  interleave = not on_gpu if args.interleave is None else args.interleave
+  rec = run(spec, batch_per_device=per_dev, devices=args.devices, dtype_name=dtype_name, windows=windows,
+            steps=steps, min_window_s=args.min_window_s, torch_compile=tc, interleave=interleave,
+            with_torch=with_torch, parity=not args.skip_parity, parity_batch=args.parity_batch)
+  parity = rec["parity"]
+  rows = [_row("JAX (jit, donated)", rec["jax"], on_gpu)]
+  if rec["torch"] is not None:
+    rows.append(_row(rec["torch_label"], rec["torch"], on_gpu))
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
   vc, tcfg = spec["vision"], spec["text"]
+  flops_4n = rec["flops_4N"]
   print(f"\nHySAC LoRA train step (perf.md W3), preset {args.preset}: {batch} quadruplets/step "
         f"({per_dev}/device x {args.devices}), 2 x {vc['image_size']} px images (patch {vc['patch_size']}, "
         f"width {vc['hidden_size']}, {vc['num_hidden_layers']} layers) + 2 x {spec['seq_len']}-token captions "
@@ -533,7 +558,7 @@ def main(argv: list[str]) -> None:
   print(f"device {env['device_kind']} ({env['platform']}, {env['device_count']} visible), jax {env['jax']}, "
         f"flax {env['flax']}, torch {env.get('torch', '-')} ({env.get('torch_device', 'cpu')}, "
         f"{env.get('torch_threads', '-')} threads); XLA_FLAGS '{env['xla_flags']}'; windows x steps = {windows} x {steps}"
-        f"{' (JAX and torch interleaved)' if interleave else ''}")
+        f"{' (JAX and torch interleaved)' if rec['interleaved'] else ''}")
   print(perf.format_table(["side", "ms/step median", "min", "max", "quadruplets/s", "TFLOP/s (4N)",
                            "MFU 4N", "MFU 6N", "peak mem", "first step s"], rows))
   if parity is not None:
@@ -544,10 +569,9 @@ def main(argv: list[str]) -> None:
   if not on_gpu:
     notes.append(f"CPU run: MFU not defined; peak memory is the process max RSS shared by both sides "
                  f"({rss / 2**30:.2f} GiB)")
-  if torch is not None and not tc:
-    notes.append("torch.compile disabled (--no-torch-compile; default on CPU: inductor's C++ build is too slow "
-                 "on a 2-core host)")
-  if load and torch is not None and not on_gpu and load[0] > env["host_cpus"]:
+  if with_torch and not tc:
+    notes.append("torch.compile disabled (--no-torch-compile): the ratio is against eager PyTorch")
+  if load and with_torch and not on_gpu and load[0] > env["host_cpus"]:
     notes.append(f"the host is oversubscribed (load {load[0]:.1f} > {env['host_cpus']} CPUs): torch's OpenMP threads "
                  f"degrade badly then (measured 2 vs 1 threads: up to ~6x slower); compare with --torch-threads 1")
   if load:
@@ -559,10 +583,11 @@ def main(argv: list[str]) -> None:
     perf.append_result({
         "bench": "hysac_step", "workload": "W3", "preset": args.preset, "dtype": dtype_name, "batch": batch,
         "batch_per_device": per_dev, "devices": args.devices, "windows": windows, "steps": steps,
-        "torch_compile": bool(tc), "flops_per_quadruplet_4N": flops_4n, "flops_per_quadruplet_6N": flops_6n,
+        "torch_compile": bool(tc), "flops_per_quadruplet_4N": flops_4n, "flops_per_quadruplet_6N": 1.5 * flops_4n,
         "flop_convention": "analytic matmul+attention, 2/MAC; 4N = fwd + activation grads (LoRA), 6N = + weight grads",
+        **{k: v for k, v in rec.items() if k not in ("parity", "flops_4N", "flops_6N")},
         "parity": None if parity is None else {"ok": parity["ok"], "jax": parity["jax"], "torch": parity["torch"]},
-        **rec, "max_rss_bytes": rss, "env": env, "load_avg": load, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        "max_rss_bytes": rss, "env": env, "load_avg": load, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
         args.out)
 
 

@@ -53,7 +53,8 @@ def _parse(argv):
   p.add_argument("--windows", type=int, default=3)
   p.add_argument("--steps", type=int, default=4, help="calls per timing window")
   p.add_argument("--no-torch", action="store_true", help="JAX side only")
-  p.add_argument("--torch-compile", action="store_true", help="also time HF static cache + torch.compile")
+  p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
+                 help="also time the tuned HF decode: static cache + torch.compile (default on)")
   p.add_argument("--out", default="runs/bench/results.jsonl")
   return p.parse_args(argv)
 

@@ -22,7 +22,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import tempfile
 
@@ -67,49 +66,144 @@ def _parse(argv):
   p.add_argument("--windows", type=int, default=3)
   p.add_argument("--steps", type=int, default=3, help="calls per timing window")
   p.add_argument("--no-torch", action="store_true", help="JAX side only")
-  p.add_argument("--torch-compile", action="store_true", help="also time HF static cache + torch.compile")
+  p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
+                 help="also time the tuned HF decode: static cache + torch.compile (default on)")
   p.add_argument("--torch-threads", type=int, default=None,
                  help="torch.set_num_threads (default: torch's own; 1 resists CPU oversubscription on shared hosts)")
   p.add_argument("--out", default="runs/bench/results.jsonl")
   return p.parse_args(argv)
 
 
-def _config(preset: str) -> LV.LlavaConfig:
-  kw = PRESETS[preset]
-  return LV.LlavaConfig(vision_config=CLIPVisionConfig(**kw["vision"]),
-                        text_config=L.LlamaConfig(**kw["text"], pad_token_id=0, eos_token_id=2),
-                        image_token_index=kw["image_token_index"])
+def config(spec: dict) -> LV.LlavaConfig:
+  """Our LlavaConfig from a preset dict (``vision`` / ``text`` HF kwargs + ``image_token_index``)."""
+  return LV.LlavaConfig(vision_config=CLIPVisionConfig(**spec["vision"]),
+                        text_config=L.LlamaConfig(**spec["text"], pad_token_id=0, eos_token_id=2),
+                        image_token_index=spec["image_token_index"])
 
 
-def _build(preset: str, dtype, want_torch: bool, torch_device: str):
-  """(jax model, torch model or None). Small preset: identical weights through the converter."""
-  cfg = _config(preset)
+def hf_config(spec: dict):
+  """The matching ``transformers.LlavaConfig`` (layer -2 features, CLS dropped, erf GELU projector, SDPA)."""
+  import transformers
+  hf_cfg = transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(**spec["vision"]),
+      text_config=transformers.LlamaConfig(**spec["text"], pad_token_id=0, eos_token_id=2, bos_token_id=1),
+      image_token_index=spec["image_token_index"], vision_feature_layer=-2,
+      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+  hf_cfg.vision_config.model_type = "clip_vision_model"
+  hf_cfg._attn_implementation = "sdpa"
+  return hf_cfg
+
+
+def build(spec: dict, dtype, *, want_torch: bool, torch_device: str, same_weights: bool):
+  """``(jax Llava, HF torch model or None, config)`` with random weights.
+
+  ``same_weights``: the HF model is saved and loaded into JAX through the converter (identical weights: for
+  parity; costs a write of the whole model). Otherwise each side draws its own weights (timing does not depend
+  on the values; perf.md labels such runs "random weights") and the JAX side is initialised on device by one
+  jitted init (no host copy of 7B parameters).
+  """
+  cfg = config(spec)
   hf = None
   if want_torch:
     import torch
     import transformers
-    kw = PRESETS[preset]
-    hf_cfg = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(**kw["vision"]),
-        text_config=transformers.LlamaConfig(**kw["text"], pad_token_id=0, eos_token_id=2, bos_token_id=1),
-        image_token_index=kw["image_token_index"], vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    hf_cfg.vision_config.model_type = "clip_vision_model"
-    hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     tdtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
-    if preset == "small":
-      hf = transformers.LlavaForConditionalGeneration(hf_cfg).eval()
+    if same_weights:
+      hf = transformers.LlavaForConditionalGeneration(hf_config(spec)).to(tdtype).eval()
       with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         model = LV.Llava.from_pretrained(d, dtype=dtype, param_dtype=dtype)
-      return model, hf.to(device=torch_device, dtype=tdtype), cfg
+      return model, hf.to(device=torch_device), cfg
     with torch.device(torch_device):
-      hf = transformers.LlavaForConditionalGeneration(hf_cfg).to(tdtype).eval()
-  # Random weights built on device by a jitted init (no host-side float32 copy of 7B parameters).
+      hf = transformers.LlavaForConditionalGeneration(hf_config(spec)).to(tdtype).eval()
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: LV.Llava(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))
   state = jax.jit(lambda: nnx.state(LV.Llava(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))()
   return nnx.merge(graphdef, state), hf, cfg
+
+
+def prompts(cfg: LV.LlavaConfig, b: int, text_len: int, rs: np.random.RandomState):
+  """``(ids (B, P) int32, mask (B, P), pixels (B, h, w, 3))``: BOS + N image tokens + ``text_len`` text tokens."""
+  n_img = cfg.num_image_tokens
+  text = rs.randint(3, min(cfg.text_config.vocab_size, cfg.image_token_index) - 1, (b, text_len))
+  ids = np.concatenate([np.ones((b, 1), np.int64), np.full((b, n_img), cfg.image_token_index), text], 1)
+  ids = ids.astype(np.int32)
+  vc = cfg.vision_config
+  return ids, np.ones_like(ids), rs.randn(b, vc.image_size, vc.image_size, 3).astype(np.float32)
+
+
+def jax_prefill(model: LV.Llava, cache_len: int):
+  """``(fn(ids, pixels, mask) -> (last logits, cache), jitted, state)``: vision + projector + decoder, one jit."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def prefill(st, ids, pixels, mask):
+    m = nnx.merge(graphdef, st)
+    logits, cache, _ = m(ids, pixels, attention_mask_bt=mask, kv_cache=m.init_cache(ids.shape[0], cache_len),
+                         logits="last")
+    return logits, cache
+  return (lambda ids, pixels, mask: prefill(state, ids, pixels, mask)), prefill, state
+
+
+def time_jax(model: LV.Llava, ids, mask, pixels, n_new: int, *, windows: int, steps: int):
+  """JAX ``(prefill, generate(n_new), generate(1))`` Timings for one prompt batch."""
+  pre, _, _ = jax_prefill(model, ids.shape[1] + n_new)
+  j_ids, j_mask, j_pix = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels)
+  t_pre = perf.time_fn(lambda: pre(j_ids, j_pix, j_mask), windows=windows, steps=steps)
+  gen = lambda n: (lambda: LV.generate(model, ids, j_pix, mask, max_new_tokens=n, eos_token_id=()).tokens)
+  return t_pre, perf.time_fn(gen(n_new), windows=windows, steps=steps), perf.time_fn(gen(1), windows=windows,
+                                                                                       steps=steps)
+
+
+def torch_inputs(hf, ids, mask, pixels, device: str):
+  import torch
+  tdt = next(hf.parameters()).dtype
+  return (torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device),
+          torch.tensor(pixels.transpose(0, 3, 1, 2).copy(), device=device, dtype=tdt))
+
+
+def time_torch(hf, ids, mask, pixels, n_new: int, *, device: str, windows: int, steps: int,
+               static_compile: bool = False):
+  """HF ``(prefill, generate(n_new), generate(1))`` Timings: eager dynamic cache, or (``static_compile``) the
+  tuned decode of the PyTorch blog / gpt-fast: static KV cache and ``torch.compile(mode="reduce-overhead")`` of the
+  language model's forward (CUDA graphs on GPUs)."""
+  import torch
+  sync = perf.torch_sync(device)
+  t_ids, t_mask, t_pix = torch_inputs(hf, ids, mask, pixels, device)
+
+  def t_prefill():
+    with torch.no_grad():
+      return hf(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pix, use_cache=True, logits_to_keep=1).logits
+
+  kw = {"cache_implementation": "static"} if static_compile else {}
+
+  def t_generate(n):
+    def run():
+      with torch.no_grad():
+        return hf.generate(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pix, max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+    return perf.time_fn(run, windows=windows, steps=steps, sync=sync)
+
+  lm = hf.model.language_model if hasattr(hf, "model") else hf.language_model
+  if static_compile:
+    lm.forward = torch.compile(lm.forward, mode="reduce-overhead", fullgraph=False)
+  try:
+    tp = perf.time_fn(t_prefill, windows=windows, steps=steps, sync=sync)
+    return tp, t_generate(n_new), t_generate(1)
+  finally:
+    if static_compile:
+      lm.forward = type(lm).forward.__get__(lm)
+
+
+def last_logits_kl(jax_logits, torch_logits) -> float:
+  """Mean over rows of KL(torch || jax) of the next-token distributions (float64 on the host)."""
+  p = np.asarray(torch_logits, np.float64)
+  q = np.asarray(jax_logits, np.float64)
+  p = p - p.max(-1, keepdims=True)
+  q = q - q.max(-1, keepdims=True)
+  lp = p - np.log(np.exp(p).sum(-1, keepdims=True))
+  lq = q - np.log(np.exp(q).sum(-1, keepdims=True))
+  return float(np.mean(np.sum(np.exp(lp) * (lp - lq), -1)))
 
 
 def main(argv: list[str]) -> None:
@@ -129,63 +223,22 @@ def main(argv: list[str]) -> None:
     except ImportError:
       want_torch = False
   env = perf.environment()          # after set_num_threads so the record shows the thread count used
-  model, hf, cfg = _build(args.preset, dtype, want_torch, torch_device)
+  model, hf, cfg = build(PRESETS[args.preset], dtype, want_torch=want_torch, torch_device=torch_device,
+                         same_weights=args.preset == "small")
   n_img, n_new = cfg.num_image_tokens, args.new_tokens
   p_len = 1 + n_img + args.text_len
   bytes_per = 2 if dtype == jnp.bfloat16 else 4
-  graphdef, state = nnx.split(model)
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def prefill(gd, st, ids, pixels, mask):
-    m = nnx.merge(gd, st)
-    logits, cache, _ = m(ids, pixels, attention_mask_bt=mask, kv_cache=m.init_cache(ids.shape[0], p_len + n_new),
-                         logits="last")
-    return logits, cache
-
   rows, records = [], []
   rs = np.random.RandomState(0)
-  vc = cfg.vision_config
   for b in batches:
-    text = rs.randint(3, min(cfg.text_config.vocab_size, cfg.image_token_index) - 1, (b, args.text_len))
-    ids = np.concatenate([np.ones((b, 1), np.int64), np.full((b, n_img), cfg.image_token_index), text], 1)
-    ids = ids.astype(np.int32)
-    mask = np.ones_like(ids)
-    pixels = rs.randn(b, vc.image_size, vc.image_size, 3).astype(np.float32)
-    j_ids, j_mask, j_pix = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels)
-    t_pre = perf.time_fn(lambda: prefill(graphdef, state, j_ids, j_pix, j_mask), windows=args.windows,
-                         steps=args.steps)
-    gen = lambda n: (lambda: LV.generate(model, ids, j_pix, mask, max_new_tokens=n, eos_token_id=()).tokens)
-    t_gen = perf.time_fn(gen(n_new), windows=args.windows, steps=args.steps)
-    t_one = perf.time_fn(gen(1), windows=args.windows, steps=args.steps)
-    results = {"jax": (t_pre, t_gen, t_one)}
+    ids, mask, pixels = prompts(cfg, b, args.text_len, rs)
+    results = {"jax": time_jax(model, ids, mask, pixels, n_new, windows=args.windows, steps=args.steps)}
     if hf is not None:
-      import torch
-      sync = perf.torch_sync(torch_device)
-      tdt = next(hf.parameters()).dtype
-      t_ids = torch.tensor(ids, dtype=torch.long, device=torch_device)
-      t_mask = torch.tensor(mask, dtype=torch.long, device=torch_device)
-      t_pix = torch.tensor(pixels.transpose(0, 3, 1, 2).copy(), device=torch_device, dtype=tdt)
-
-      def t_prefill():
-        with torch.no_grad():
-          return hf(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pix, use_cache=True,
-                    logits_to_keep=1).logits
-
-      def t_generate(n, **kw):
-        def run():
-          with torch.no_grad():
-            return hf.generate(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pix, max_new_tokens=n,
-                               min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
-        return perf.time_fn(run, windows=args.windows, steps=args.steps, sync=sync)
-
-      tp = perf.time_fn(t_prefill, windows=args.windows, steps=args.steps, sync=sync)
-      results["torch eager"] = (tp, t_generate(n_new), t_generate(1))
+      results["torch eager"] = time_torch(hf, ids, mask, pixels, n_new, device=torch_device, windows=args.windows,
+                                          steps=args.steps)
       if args.torch_compile:
-        lm = hf.model.language_model if hasattr(hf, "model") else hf.language_model
-        lm.forward = torch.compile(lm.forward, mode="reduce-overhead", fullgraph=False)
-        results["torch static+compile"] = (tp, t_generate(n_new, cache_implementation="static"),
-                                           t_generate(1, cache_implementation="static"))
-        lm.forward = type(lm).forward.__get__(lm)
+        results["torch static+compile"] = time_torch(hf, ids, mask, pixels, n_new, device=torch_device,
+                                                     windows=args.windows, steps=args.steps, static_compile=True)
     new_rows, measured = decode_rows(results, b, p_len, n_new, cfg.text_config, bytes_per)
     rows.extend(new_rows)
     for side, fields in measured:

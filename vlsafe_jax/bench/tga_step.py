@@ -64,6 +64,8 @@ def _parse(argv):
   p.add_argument("--windows", type=int, default=5)
   p.add_argument("--steps", type=int, default=20, help="steps per timing window (perf.md §6: >= 5 x >= 20)")
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
+                 help="also time the HF step with torch.compile of the training forward (default on)")
   p.add_argument("--torch-threads", type=int, default=None)
   p.add_argument("--out", default="runs/bench/results.jsonl")
   return p.parse_args(argv)
@@ -109,8 +111,13 @@ def _jax_config(p) -> LV.LlavaConfig:
                         image_token_index=text["vocab_size"] - 1)
 
 
-def torch_step_fn(hf, batch, layers, loss_cfg, device, lr=1e-5):
-  """A closure running one HF training step; returns it and the loss of the first call via ``.first``."""
+def torch_step_fn(hf, batch, layers, loss_cfg, device, lr=1e-5, autocast_bf16: bool = False, forward=None):
+  """A closure running one HF training step and returning its (detached) loss.
+
+  ``autocast_bf16``: float32 parameters and AdamW state, matmuls under ``torch.autocast(bfloat16)`` (the tuned
+  mixed-precision recipe, like the JAX side's float32 params + bf16 compute). ``forward``: the callable for the
+  training pass (default ``hf``; the suite passes ``torch.compile(hf)``).
+  """
   import torch
   t = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
   t["input_ids"], t["labels"], t["ref_ids"] = t["input_ids"].long(), t["labels"].long(), t["ref_ids"].long()
@@ -146,8 +153,9 @@ def torch_step_fn(hf, batch, layers, loss_cfg, device, lr=1e-5):
       for h in hooks:
         h.remove()
       c = torch.stack([mmean(caught[l], t["caption_mask"]) for l in idx], 1)
-    out = hf(input_ids=t["input_ids"], pixel_values=pix, attention_mask=t["attention_mask"], labels=t["labels"],
-             output_hidden_states=True)
+    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=autocast_bf16):
+      out = (forward or hf)(input_ids=t["input_ids"], pixel_values=pix, attention_mask=t["attention_mask"],
+                            labels=t["labels"], output_hidden_states=True)
     hs = out.hidden_states
     v = torch.stack([mmean(hs[l], t["image_mask"]) for l in idx], 1)
     r = torch.stack([mmean(hs[l], t["retrieved_mask"]) for l in idx], 1).detach()
@@ -164,39 +172,39 @@ def torch_step_fn(hf, batch, layers, loss_cfg, device, lr=1e-5):
   return step
 
 
-def main(argv: list[str]) -> None:
-  args = _parse(argv)
-  p = dict(PRESETS[args.preset])
-  if args.batch:
-    p["batch"] = args.batch
+def run(p: dict, *, windows: int, steps: int, want_torch: bool = True, torch_compile: bool = False,
+        torch_autocast: bool | None = None) -> dict:
+  """One TGA stage-2 measurement, both sides from the same weights; returns the record.
+
+  ``torch_autocast`` (default: on for bf16 presets): PyTorch keeps float32 parameters and runs under bf16
+  autocast, like the JAX step (float32 params, bf16 compute); off = the whole HF model cast to the preset dtype.
+  ``torch_compile``: ``torch.compile`` of the HF training forward (the truncated reference pass stays eager);
+  if compilation fails the record says so and eager is timed.
+  """
   dtype = jnp.bfloat16 if p["dtype"] == "bfloat16" else jnp.float32
-  want_torch = not args.no_torch
+  autocast = (dtype == jnp.bfloat16) if torch_autocast is None else torch_autocast
   device = "cpu"
-  if want_torch:
-    import torch
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.torch_threads:
-      torch.set_num_threads(args.torch_threads)
-  env = perf.environment()
   hf = None
   if want_torch:
+    import torch
     import transformers
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     hf = transformers.LlavaForConditionalGeneration(_hf_config(p))
     with tempfile.TemporaryDirectory() as d:
       hf.save_pretrained(d)
       model = LV.Llava.from_pretrained(d, dtype=dtype, param_dtype=jnp.float32)
-    hf = hf.to(device=device, dtype=torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32).train()
+    t_dtype = torch.float32 if autocast else (torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32)
+    hf = hf.to(device=device, dtype=t_dtype).train()
   else:
     model = LV.Llava(_jax_config(p), dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   cfg = model.config
   batch = make_batch(cfg, p, p["batch"])
   loss_cfg = loss_lib.TGALossConfig(layers=p["layers"])
-  mesh = sharding.make_mesh(data=-1)
+  mesh = sharding.make_mesh(data=-1, devices=jax.devices()[:1])
   optim = ml_collections.ConfigDict(dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                                          schedule="constant", warmup_steps=0))
   tokens = int(batch["input_ids"].size)
-  rows = []
   with jax.set_mesh(mesh):
     setup = tga_trainer.build_stage(model, "finetune", loss_cfg=loss_cfg, optim=optim, total_steps=10 ** 6,
                                     mesh=mesh)
@@ -210,36 +218,74 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     first_jax = float(jstep())                    # compiles; the first-step loss is the parity check
     jax_compile_s = time.perf_counter() - t0
-    tj = perf.time_fn(jstep, windows=args.windows, steps=args.steps)
+    tj = perf.time_fn(jstep, windows=windows, steps=steps)
+  jax_peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  del box, setup, jb
   flops = tga_trainer.step_flops(cfg, batch["input_ids"].shape[1], batch["ref_ids"].shape[1], "finetune",
                                  max(p["layers"])) * p["batch"]
-  rows.append(["jax", tj.median * 1e3, tokens / tj.median, jax_compile_s])
-  rec = {"workload": "tga_step", "preset": args.preset, "dtype": p["dtype"], "batch": p["batch"],
+  rec = {"workload": "tga_step", "dtype": p["dtype"], "batch": p["batch"],
          "seq_len": int(batch["input_ids"].shape[1]), "ref_len": int(batch["ref_ids"].shape[1]),
-         "layers": list(p["layers"]), "env": env, "jax_step_s": tj.window_s, "jax_median_s": tj.median,
+         "layers": list(p["layers"]), "jax_timing": tj, "jax_step_s": tj.window_s, "jax_median_s": tj.median,
          "jax_tokens_per_s": tokens / tj.median, "jax_compile_s": jax_compile_s, "flops_per_step": flops,
-         "jax_first_loss": first_jax, "weights": "random"}
-  m = perf.mfu(flops / tj.median / jax.device_count())
+         "jax_first_loss": first_jax, "jax_peak_bytes": jax_peak, "tokens_per_step": tokens, "weights": "random"}
+  m = perf.mfu(flops / tj.median)
   if m is not None:
     rec["jax_mfu"] = m
   if hf is not None:
-    ts = torch_step_fn(hf, batch, p["layers"], loss_cfg, device)
+    import torch
+    forward, label = None, "eager"
+    if torch_compile:
+      forward, label = torch.compile(hf), "torch.compile"
+    if device.startswith("cuda"):
+      torch.cuda.reset_peak_memory_stats()
+    ts = torch_step_fn(hf, batch, p["layers"], loss_cfg, device, autocast_bf16=autocast, forward=forward)
     t0 = time.perf_counter()
-    first_torch = float(ts())
+    try:
+      first_torch = float(ts())
+    except Exception as e:  # noqa: BLE001 - a failing compile must not lose the row; say so and time eager
+      if forward is None:
+        raise
+      label = f"eager (torch.compile failed: {type(e).__name__}: {str(e)[:120]})"
+      ts = torch_step_fn(hf, batch, p["layers"], loss_cfg, device, autocast_bf16=autocast)
+      first_torch = float(ts())
     torch_first_s = time.perf_counter() - t0
-    tt = perf.time_fn(ts, windows=args.windows, steps=args.steps, sync=perf.torch_sync(device))
-    rows.append(["torch", tt.median * 1e3, tokens / tt.median, torch_first_s])
-    parity = abs(first_jax - first_torch) <= 1e-4 * abs(first_torch) if p["dtype"] == "float32" else None
-    rec.update(torch_step_s=tt.window_s, torch_median_s=tt.median, torch_tokens_per_s=tokens / tt.median,
-               torch_first_loss=first_torch, parity_first_loss=parity, ratio=tt.median / tj.median,
-               jax_slowest_faster_than_torch_fastest=max(tj.window_s) < min(tt.window_s))
+    tt = perf.time_fn(ts, windows=windows, steps=steps, sync=perf.torch_sync(device))
+    # bf16 steps differ by rounding; float32 must agree to 1e-4 relative.
+    tol = 1e-4 if p["dtype"] == "float32" else 2e-2
+    rec.update(torch_timing=tt, torch_step_s=tt.window_s, torch_median_s=tt.median,
+               torch_tokens_per_s=tokens / tt.median, torch_first_s=torch_first_s, torch_first_loss=first_torch,
+               parity_first_loss=abs(first_jax - first_torch) <= tol * abs(first_torch), parity_tol=tol,
+               ratio=tt.median / tj.median, torch_label=label + (", bf16 autocast" if autocast else ""),
+               jax_slowest_faster_than_torch_fastest=max(tj.window_s) < min(tt.window_s),
+               torch_peak_bytes=torch.cuda.max_memory_allocated() if device.startswith("cuda") else None)
+  return rec
+
+
+def main(argv: list[str]) -> None:
+  args = _parse(argv)
+  p = dict(PRESETS[args.preset])
+  if args.batch:
+    p["batch"] = args.batch
+  if not args.no_torch and args.torch_threads:
+    import torch
+    torch.set_num_threads(args.torch_threads)
+  env = perf.environment()
+  rows = []
+  for compile_ in ((False, True) if args.torch_compile and not args.no_torch else (False,)):
+    rec = run(p, windows=args.windows, steps=args.steps, want_torch=not args.no_torch, torch_compile=compile_)
+    if not rows:
+      rows.append(["jax", rec["jax_median_s"] * 1e3, rec["jax_tokens_per_s"], rec["jax_compile_s"]])
+    if "torch_median_s" in rec:
+      rows.append([f"torch ({rec['torch_label']})", rec["torch_median_s"] * 1e3, rec["torch_tokens_per_s"],
+                   rec["torch_first_s"]])
+      print(f"first-step loss: jax {rec['jax_first_loss']:.6f} torch {rec['torch_first_loss']:.6f} (parity: "
+            f"{rec['parity_first_loss']}); JAX / PyTorch ({rec['torch_label']}) throughput ratio "
+            f"R = {rec['ratio']:.2f}")
+    perf.append_result({**{k: v for k, v in rec.items() if not k.endswith("_timing")}, "preset": args.preset,
+                        "env": env}, args.out)
   print(perf.format_table(["side", "step ms (median)", "tokens/s", "first call s"], rows))
   print(f"device: {env['device_kind']} ({env['platform']}); preset {args.preset}, {p['dtype']}, batch {p['batch']}, "
-        f"T={batch['input_ids'].shape[1]} (+ reference {batch['ref_ids'].shape[1]})")
-  if hf is not None:
-    print(f"first-step loss: jax {first_jax:.6f} torch {first_torch:.6f} (parity: {rec['parity_first_loss']}); "
-          f"JAX / PyTorch throughput ratio R = {rec['ratio']:.2f}")
-  perf.append_result(rec, args.out)
+        f"T={rec['seq_len']} (+ reference {rec['ref_len']})")
 
 
 if __name__ == "__main__":

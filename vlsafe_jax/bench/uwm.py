@@ -110,38 +110,34 @@ def torch_reference(hf, px_s, px_u, batch, device, tau=TAU, eps=1e-8):
   return scores, masks, t_cal, t_edit
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m vlsafe_jax.bench uwm", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-  p.add_argument("--pairs", type=int, default=None)
-  p.add_argument("--batch", type=int, default=None, help="pairs per calibration step")
-  p.add_argument("--torch-device", default="cpu")
-  p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
-  p.add_argument("--no-record", action="store_true", help="do not append to runs/bench/results.jsonl")
-  a = p.parse_args(argv)
-  import torch
+def run(vision: dict, pairs: int, batch: int, torch_device: str = "cpu", *, hf=None, hf_dir: str | None = None,
+        with_torch: bool = True) -> dict:
+  """Calibration of both sides on the same random CLIP and pairs; returns the record (see the module docstring).
+
+  ``hf`` / ``hf_dir``: an HF ``CLIPModel`` (or its directory) whose vision tower has ``vision``'s shapes, to reuse;
+  default: built here with a tiny text tower.
+  """
   from vlsafe_jax.methods.uwm import calibrate as cal
   from vlsafe_jax.methods.uwm import edit
   from vlsafe_jax.models.clip import CLIP
-  if a.torch_threads:
-    torch.set_num_threads(a.torch_threads)
-  preset = PRESETS[a.preset]
-  n, bs = a.pairs or preset["pairs"], a.batch or preset["batch"]
-  v = preset["vision"]
   rng = np.random.RandomState(0)
-  px_s = rng.randn(n, v["image_size"], v["image_size"], 3).astype(np.float32)
+  px_s = rng.randn(pairs, vision["image_size"], vision["image_size"], 3).astype(np.float32)
   px_u = (px_s + 0.5 * rng.randn(*px_s.shape)).astype(np.float32)
   with tempfile.TemporaryDirectory() as tmp:
-    hf = _build(preset, tmp)
-    model = CLIP.from_pretrained(tmp)
+    if hf_dir is None:
+      hf_dir = tmp
+      hf = _build({"vision": vision}, tmp)
+    elif hf is None and with_torch:
+      from transformers import CLIPModel
+      hf = CLIPModel.from_pretrained(hf_dir).eval()
+    model = CLIP.from_pretrained(hf_dir)
   cfg = edit.UWMConfig()
   graphdef, state = nnx.split(model)
   enc = cal.clip_encode_fn(graphdef, "vision", ("mlp.fc2",))
 
   def batches():
-    for i in range(0, n, bs):
-      yield {"safe": px_s[i:i + bs], "unsafe": px_u[i:i + bs]}
+    for i in range(0, pairs, batch):
+      yield {"safe": px_s[i:i + batch], "unsafe": px_u[i:i + batch]}
 
   # ---- JAX: a first pass compiles (timed separately), the second is the steady-state measurement.
   rss0 = _rss_mb()
@@ -157,41 +153,65 @@ def main(argv=None):
     new_state, masks = cal.edit_params(state, res.scores, cfg.vision.tau, cfg.vision.alpha)
     perf.block(jax.tree.leaves(new_state))
     jax_edit = time.perf_counter() - t1
-  dev = jax.devices()[0]
-  stats = dev.memory_stats() or {}
-  jax_mem = (f"{stats['peak_bytes_in_use'] / 2**20:.0f} MiB device" if "peak_bytes_in_use" in stats
-             else f"+{_rss_mb() - rss0:.0f} MiB RSS")
+  stats = jax.devices()[0].memory_stats() or {}
+  jax_peak = stats.get("peak_bytes_in_use")
+  jax_mem = f"{jax_peak / 2**20:.0f} MiB device (process peak)" if jax_peak else f"+{_rss_mb() - rss0:.0f} MiB RSS"
+  rec = {"pairs": pairs, "batch": batch, "jax_pairs_per_s": pairs / jax_cal, "jax_calibration_s": jax_cal,
+         "jax_edit_s": jax_edit, "jax_first_pass_s": jax_first, "jax_memory": jax_mem, "jax_peak_bytes": jax_peak,
+         "torch_device": torch_device}
+  if not with_torch:
+    return rec
 
   # ---- PyTorch reference.
+  import torch
   rss1 = _rss_mb()
-  if a.torch_device.startswith("cuda"):
+  if torch_device.startswith("cuda"):
     torch.cuda.reset_peak_memory_stats()
-  t_scores, t_masks, t_cal, t_edit = torch_reference(hf, px_s, px_u, bs, a.torch_device)
-  d_in, d_out = v["intermediate_size"], v["hidden_size"]
-  tensor_mb = bs * d_out * d_in * 4 / 2**20
-  torch_mem = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB device" if a.torch_device.startswith("cuda")
-               else f"+{_rss_mb() - rss1:.0f} MiB RSS")
-
+  t_scores, t_masks, t_cal, t_edit = torch_reference(hf, px_s, px_u, batch, torch_device)
+  t_peak = torch.cuda.max_memory_allocated() if torch_device.startswith("cuda") else None
+  d_in, d_out = vision["intermediate_size"], vision["hidden_size"]
+  torch_mem = f"{t_peak / 2**20:.0f} MiB device" if t_peak else f"+{_rss_mb() - rss1:.0f} MiB RSS"
   # ---- agreement
   rel = max(float(np.max(np.abs(np.asarray(res.scores[k]).T - t_scores[k]) / np.abs(t_scores[k])))
             for k in t_scores)
   diff = sum(int(np.sum(np.asarray(masks[k]).T != t_masks[k])) for k in t_masks)
+  rec.update(torch_pairs_per_s=pairs / t_cal, torch_calibration_s=t_cal, torch_edit_s=t_edit, torch_memory=torch_mem,
+             torch_peak_bytes=t_peak, psi_tensor_mib=batch * d_out * d_in * 4 / 2**20, max_rel_score_diff=rel,
+             mask_diff=diff)
+  return rec
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m vlsafe_jax.bench uwm", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+  p.add_argument("--pairs", type=int, default=None)
+  p.add_argument("--batch", type=int, default=None, help="pairs per calibration step")
+  p.add_argument("--torch-device", default="cpu")
+  p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+  p.add_argument("--no-record", action="store_true", help="do not append to runs/bench/results.jsonl")
+  a = p.parse_args(argv)
+  import torch
+  if a.torch_threads:
+    torch.set_num_threads(a.torch_threads)
+  preset = PRESETS[a.preset]
+  n, bs = a.pairs or preset["pairs"], a.batch or preset["batch"]
+  v = preset["vision"]
+  rec = run(v, n, bs, a.torch_device)
   env = perf.environment()
-  rows = [["JAX (jit, rank-1)", f"{n / jax_cal:.1f}", f"{jax_cal:.2f}", f"{jax_edit:.3f}", f"{jax_first:.2f}",
-           jax_mem],
-          [f"PyTorch reference ({a.torch_device}, N x d_out x d_in)", f"{n / t_cal:.1f}", f"{t_cal:.2f}",
-           f"{t_edit:.3f}", "-", f"{torch_mem} (psi tensor {tensor_mb:.0f} MiB x2 per layer-batch)"]]
+  rows = [["JAX (jit, rank-1)", f"{rec['jax_pairs_per_s']:.1f}", f"{rec['jax_calibration_s']:.2f}",
+           f"{rec['jax_edit_s']:.3f}", f"{rec['jax_first_pass_s']:.2f}", rec["jax_memory"]],
+          [f"PyTorch reference ({a.torch_device}, N x d_out x d_in)", f"{rec['torch_pairs_per_s']:.1f}",
+           f"{rec['torch_calibration_s']:.2f}", f"{rec['torch_edit_s']:.3f}", "-",
+           f"{rec['torch_memory']} (psi tensor {rec['psi_tensor_mib']:.0f} MiB x2 per layer-batch)"]]
   print(f"UWM vision calibration: preset {a.preset}, {n} pairs, {bs} pairs/step, {v['num_hidden_layers']} fc2 "
-        f"({d_out} x {d_in}), tau {TAU}; device {env['device_kind']} ({env['platform']}), torch threads "
-        f"{env.get('torch_threads')}")
+        f"({v['hidden_size']} x {v['intermediate_size']}), tau {TAU}; device {env['device_kind']} ({env['platform']}), "
+        f"torch threads {env.get('torch_threads')}")
   print(perf.format_table(["implementation", "pairs/s", "calibration s", "select+edit s", "first pass s (compile)",
                            "peak memory"], rows))
-  print(f"speed-up (calibration): {t_cal / jax_cal:.2f}x; max rel. score difference {rel:.2e}; "
-        f"mask entries differing {diff}")
-  rec = {"bench": "uwm", "preset": a.preset, "pairs": n, "batch": bs, "jax_pairs_per_s": n / jax_cal,
-         "jax_calibration_s": jax_cal, "jax_edit_s": jax_edit, "jax_first_pass_s": jax_first, "jax_memory": jax_mem,
-         "torch_pairs_per_s": n / t_cal, "torch_calibration_s": t_cal, "torch_edit_s": t_edit,
-         "torch_memory": torch_mem, "max_rel_score_diff": rel, "mask_diff": diff, "env": env}
+  print(f"speed-up (calibration): {rec['torch_calibration_s'] / rec['jax_calibration_s']:.2f}x; max rel. score "
+        f"difference {rec['max_rel_score_diff']:.2e}; mask entries differing {rec['mask_diff']}")
+  rec = {"bench": "uwm", "preset": a.preset, **rec, "env": env}
   if not a.no_record:
     perf.append_result(rec)
   return rec

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlsafe_jax.models import attention
+
 # Names of the Linear layers inside one encoder layer whose inputs can be captured.
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                  "mlp.fc1", "mlp.fc2")
@@ -56,12 +58,13 @@ class CLIPTextConfig:
   bos_token_id: int = 49406
   eos_token_id: int = 49407
   pad_token_id: int = 1
-  # None = let XLA choose (cuDNN flash attention must be requested explicitly on GPU: "cudnn").
-  attention_impl: str | None = None
+  # "auto": cuDNN flash attention on NVIDIA GPUs when the shapes allow, XLA otherwise (models/attention.py).
+  attention_impl: str | None = "auto"
 
   def __post_init__(self):
     _check_heads("text_config", self.hidden_size, self.num_attention_heads)
     _check_act("text_config", self.hidden_act)
+    attention.check_impl("text_config", self.attention_impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +80,12 @@ class CLIPVisionConfig:
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   projection_dim: int = 512
-  attention_impl: str | None = None
+  attention_impl: str | None = "auto"
 
   def __post_init__(self):
     _check_heads("vision_config", self.hidden_size, self.num_attention_heads)
     _check_act("vision_config", self.hidden_act)
+    attention.check_impl("vision_config", self.attention_impl)
     if self.image_size % self.patch_size:
       raise ValueError(f"vision_config: image_size {self.image_size} is not a multiple of patch_size "
                        f"{self.patch_size}")
@@ -247,10 +251,12 @@ def _layer_norm(d, eps, *, param_dtype, rngs):
 class CLIPAttention(nnx.Module):
   """Multi-head self-attention with separate biased q/k/v/out projections (HF ``CLIPAttention``)."""
 
-  def __init__(self, d: int, n_heads: int, *, attention_impl: str | None, dtype, param_dtype, rngs):
+  def __init__(self, d: int, n_heads: int, *, attention_impl: str | None, dtype, param_dtype, rngs,
+               site: str = "clip"):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.n_heads = n_heads
     self.attention_impl = attention_impl
+    self.site = site
     self.q_proj = _linear(d, d, ("embed", "heads"), **kw)
     self.k_proj = _linear(d, d, ("embed", "heads"), **kw)
     self.v_proj = _linear(d, d, ("embed", "heads"), **kw)
@@ -274,9 +280,8 @@ class CLIPAttention(nnx.Module):
     mask = None
     if key_mask_bt is not None:
       mask = key_mask_bt.astype(bool)[:, None, None, :]        # (B, 1, 1, S): broadcast over heads and queries
-    o_btnh = jax.nn.dot_product_attention(
-        q_btnh, k_btnh, v_btnh, mask=mask, scale=h ** -0.5, is_causal=causal,
-        implementation=self.attention_impl)
+    o_btnh = attention.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask, scale=h ** -0.5, is_causal=causal,
+                                             impl=self.attention_impl, site=self.site)
     o_btd = o_btnh.reshape(b, t, d)
     if captured is not None:
       captured["self_attn.out_proj"] = o_btd
@@ -308,7 +313,8 @@ class CLIPEncoderLayer(nnx.Module):
     d = cfg.hidden_size
     self.layer_norm1 = _layer_norm(d, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.self_attn = CLIPAttention(d, cfg.num_attention_heads, attention_impl=cfg.attention_impl,
-                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                   site="clip.text" if isinstance(cfg, CLIPTextConfig) else "clip.vision")
     self.layer_norm2 = _layer_norm(d, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.mlp = CLIPMLP(d, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs)

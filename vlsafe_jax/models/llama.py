@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from vlsafe_jax import sharding
+from vlsafe_jax.models import attention
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -83,8 +84,8 @@ class LlamaConfig:
   model_type: str = "llama"
   # Rematerialise each decoder layer in the backward pass (training); no effect on inference.
   remat: bool = False
-  # None = let XLA choose (request "cudnn" explicitly for flash attention on GPU).
-  attention_impl: str | None = None
+  # "auto": cuDNN flash attention on NVIDIA GPUs when the shapes allow, XLA otherwise (models/attention.py).
+  attention_impl: str | None = "auto"
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -107,6 +108,7 @@ class LlamaConfig:
       raise ValueError(f"LlamaConfig: sliding_window must be >= 1 or None, got {self.sliding_window}")
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    attention.check_impl("LlamaConfig", self.attention_impl)
 
   @property
   def eos_token_ids(self) -> tuple[int, ...]:
@@ -358,9 +360,9 @@ class LlamaAttention(nnx.Module):
     """Queries from x (B, T, D) against keys/values (B, S, K, H) -> (B, T, D)."""
     b, t, _ = x_btd.shape
     q_btnh = apply_rope(self.q_proj(x_btd).reshape(b, t, self.n_heads, self.head_dim), cos_bth, sin_bth)
-    o_btnh = jax.nn.dot_product_attention(
+    o_btnh = attention.dot_product_attention(
         q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype), mask=mask_b1ts,
-        scale=self.head_dim ** -0.5, implementation=self.attention_impl)
+        scale=self.head_dim ** -0.5, impl=self.attention_impl, site="llama")
     return self.o_proj(o_btnh.reshape(b, t, self.n_heads * self.head_dim))
 
 
