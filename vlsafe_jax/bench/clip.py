@@ -104,8 +104,10 @@ def torch_encoders(hf, device: str, dtype_name: str, compile_: bool):
   tdtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
   hf = hf.to(device=device, dtype=tdtype)
   hf.config._attn_implementation = "sdpa"
-  fns = {"image": lambda x: hf.get_image_features(pixel_values=x),
-         "text": lambda x: hf.get_text_features(input_ids=x)}
+  # transformers 5 returns a model output whose pooler_output holds the projected features (4.x: the tensor).
+  feats = lambda out: getattr(out, "pooler_output", out)
+  fns = {"image": lambda x: feats(hf.get_image_features(pixel_values=x)),
+         "text": lambda x: feats(hf.get_text_features(input_ids=x))}
   if compile_:
     fns = {k: torch.compile(f) for k, f in fns.items()}
   return fns

@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -117,8 +118,10 @@ def inputs(b, d, seed=0):
 LOG_C0, LOG_S0 = 0.3, math.log(1 / 0.07)
 
 
+@functools.lru_cache(maxsize=1)
 def jax_step():
-  """``step(e_i, e_iu, e_t, e_tu, log_c, log_s) -> (loss, grads of all six)``: one jit of value_and_grad."""
+  """``step(e_i, e_iu, e_t, e_tu, log_c, log_s) -> (loss, grads of all six)``: one jit of value_and_grad (one
+  object per process, so parity, timing and memory analysis share its compilations)."""
   cfg = H.HySACLossConfig(negatives="global")
 
   def jax_loss(e_i, e_iu, e_t, e_tu, log_c, log_s):

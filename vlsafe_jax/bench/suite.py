@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -117,7 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    parity_spec=None, parity_batch=2),
         lorentz=dict(batches=(32, 64), dim=48, windows=2, steps=1),
         uwm=dict(vision=_TINY_CLIP["vision"], pairs=16, batch=8, project_pairs=8192),
-        llava=dict(spec=_TINY_LLAVA, dtype="float32", text_len=7, new_tokens=4, batches=(1, 2), windows=2, steps=1,
+        llava=dict(spec=_TINY_LLAVA, dtype="float32", text_len=7, new_tokens=8, batches=(1, 2), windows=2, steps=1,
                    parity_spec=None),
         cmrm=dict(batch=2, new_tokens=4, windows=2, steps=1),
         tga=dict(spec=_TINY_TGA, windows=2, steps=1),
@@ -156,9 +157,14 @@ class Row:
             "attention_on_gpu": self.attention_gpu}
 
 
-def _n_params(make: Callable[[], nnx.Module]) -> int:
-  """Parameter count of a module from its abstract (eval_shape'd) state: no memory, no device."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(nnx.eval_shape(make))))
+@functools.lru_cache(maxsize=None)
+def _param_counts(kind: str, cfg) -> dict[str, int]:
+  """Parameters per top-level submodule (and ``"total"``) of a ``"clip"`` or ``"llava"`` model of config ``cfg``,
+  from its abstract (eval_shape'd) state: exact, no memory, no device. Cached: tracing a 7B init takes seconds."""
+  make = (lambda: C.CLIP(cfg, rngs=nnx.Rngs(0))) if kind == "clip" else (lambda: LV.Llava(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(nnx.eval_shape(make))
+  counts = {str(k): sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in state.items()}
+  return {**counts, "total": sum(counts.values())}
 
 
 def _mem(**parts: float) -> dict[str, float]:
@@ -191,7 +197,7 @@ def plan(preset: str) -> list[Row]:
   c = P["clip"]
   cfg = _clip_config(c["spec"])
   vc, tc, nb = cfg.vision_config, cfg.text_config, _bytes(c["dtype"])
-  n_all = _n_params(lambda: C.CLIP(cfg, rngs=nnx.Rngs(0)))
+  n_all = _param_counts("clip", cfg)["total"]
   for tower in ("image", "text"):
     for b in c["batches"]:
       if tower == "image":
@@ -216,7 +222,7 @@ def plan(preset: str) -> list[Row]:
   h = P["hysac"]
   hcfg = _clip_config(h["spec"])
   seq = h["spec"]["seq_len"]
-  n = _n_params(lambda: C.CLIP(hcfg, rngs=nnx.Rngs(0)))
+  n = _param_counts("clip", hcfg)["total"]
   hv = hcfg.vision_config
   hh = hv.hidden_size // hv.num_attention_heads
   lora = _lora_params(hcfg, h["spec"].get("lora_rank", 16))
@@ -243,9 +249,10 @@ def plan(preset: str) -> list[Row]:
 
   # ---- UWM calibration (W5): two vision forwards per pair.
   u = P["uwm"]
-  uv = C.CLIPVisionConfig(**u["vision"])
-  n_v = _n_params(lambda: C.CLIP(C.CLIPConfig(text_config=None, vision_config=uv, projection_dim=uv.projection_dim),
-                                 rngs=nnx.Rngs(0)))
+  # Vision tower + projection of a CLIP with the clip rows' text tower (the same model when the shapes agree).
+  uv = C.CLIPVisionConfig(**u["vision"], projection_dim=cfg.projection_dim)
+  uc = _param_counts("clip", dataclasses.replace(cfg, vision_config=uv))
+  n_v = uc["vision_model"] + uc["visual_projection"]
   rows.append(Row("uwm_calibration", "uwm", "W5",
                   {"pairs_timed": u["pairs"], "pairs_projected": u["project_pairs"], "batch": u["batch"],
                    "image_size": uv.image_size, "fc2": f"{uv.num_hidden_layers} x {uv.hidden_size} x "
@@ -259,7 +266,7 @@ def plan(preset: str) -> list[Row]:
   lv = P["llava"]
   lcfg = llava_bench.config(lv["spec"])
   nb = _bytes(lv["dtype"])
-  n_llava = _n_params(lambda: LV.Llava(lcfg, rngs=nnx.Rngs(0)))
+  n_llava = _param_counts("llava", lcfg)["total"]
   t_cfg = lcfg.text_config
   p_len = 1 + lcfg.num_image_tokens + lv["text_len"]
   n_new = lv["new_tokens"]
@@ -302,10 +309,8 @@ def plan(preset: str) -> list[Row]:
   tcfg = tga_step._jax_config(p)
   seq_len = 1 + p["retrieved"] + tcfg.num_image_tokens + p["question"] + p["answer"]
   ref_len = 1 + 6 + p["caption"]
-  n_t = _n_params(lambda: LV.Llava(tcfg, rngs=nnx.Rngs(0)))
-  n_vis = _n_params(lambda: C.CLIP(C.CLIPConfig(text_config=None, vision_config=tcfg.vision_config,
-                                                projection_dim=tcfg.vision_config.projection_dim),
-                                    rngs=nnx.Rngs(0)))
+  tc_counts = _param_counts("llava", tcfg)
+  n_t, n_vis = tc_counts["total"], tc_counts["vision_tower"]
   trainable = n_t - n_vis
   rows.append(Row("tga_step", "tga", "-",
                   {"batch": p["batch"], "seq_len": seq_len, "ref_len": ref_len,
@@ -547,7 +552,7 @@ def run_uwm(ctx: Ctx, rows: list[Row]) -> list[dict]:
     parity = {"ok": rec["max_rel_score_diff"] <= 1e-3, "metric": "max rel. score difference", "tol": 1e-3,
               "value": rec["max_rel_score_diff"], "mask_entries_differing": rec["mask_diff"]}
   return [_record(row, jside, tside, parity=parity, projected_pairs=proj,
-                  baseline="reference algorithm (forward hooks, N x d_out x d_in scores), float32"
+                  baseline="reference algorithm, eager (forward hooks, N x d_out x d_in scores), float32"
                   if ctx.with_torch else None)]
 
 
@@ -837,6 +842,8 @@ def _parse(argv):
                  help="PyTorch baseline: auto = torch.compile on GPUs (and for the clip and lorentz rows on a "
                       "CPU), on = everywhere, off = eager everywhere; each row names its baseline")
   p.add_argument("--no-torch", action="store_true", help="JAX side only")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="torch.set_num_threads (CPU: 1 resists oversubscription on a shared host)")
   p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default: the preset's)")
   return p.parse_args(argv)
 
@@ -853,6 +860,9 @@ def main(argv: list[str]) -> None:
       (out / f"suite_{args.preset}_plan.json").write_text(
           json.dumps({"preset": args.preset, "rows": [r.plan_record() for r in rows]}, indent=1))
     return
+  if args.torch_threads and not args.no_torch:
+    import torch
+    torch.set_num_threads(args.torch_threads)
   result = run(args.preset, out_dir=args.out, torch_compile=args.torch_compile, with_torch=not args.no_torch,
                rows=patterns, budget_s=args.budget_s)
   print()

@@ -23,6 +23,7 @@ sweeps (``edit.MaskedDense`` wrappers, weights unchanged).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -128,6 +129,9 @@ def default_mesh():
   return sharding.make_mesh(data=-1) if jax.device_count() > 1 else None
 
 
+# Cached: a second calibrate() with the same encode_fn and config reuses the compiled step instead of building a
+# fresh jax.jit (whose first call would compile again).
+@functools.lru_cache(maxsize=16)
 def make_step(encode_fn: EncodeFn, cfg: saliency.ScoreConfig) -> Callable:
   """The jitted calibration step ``(accs, params, kernels, batch, real_b, offset) -> accs`` (accs donated).
 
