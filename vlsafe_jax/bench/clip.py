@@ -91,11 +91,13 @@ def load_jax(directory: str, dtype_name: str, attention_impl: str | None = None)
 
 
 def jax_encoders(ours: C.CLIP):
-  """``{"image": f(pixels NHWC), "text": f(ids (B, T))}``: one jit each over the split nnx state."""
+  """``({"image": f(pixels NHWC), "text": f(ids (B, T))}, {tower: jitted(state, x)}, state)``: one jit per tower
+  over the split nnx state (the jitted functions too, for XLA's memory analysis)."""
   graphdef, state = nnx.split(ours)
   image = jax.jit(lambda st, x: nnx.merge(graphdef, st).encode_image(x))
   text = jax.jit(lambda st, x: nnx.merge(graphdef, st).encode_text(x))
-  return {"image": (lambda x: image(state, x)), "text": (lambda x: text(state, x))}, {"image": image, "text": text}, state
+  fns = {"image": (lambda x: image(state, x)), "text": (lambda x: text(state, x))}
+  return fns, {"image": image, "text": text}, state
 
 
 def torch_encoders(hf, device: str, dtype_name: str, compile_: bool):

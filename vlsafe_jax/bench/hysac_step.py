@@ -557,7 +557,8 @@ def main(argv: list[str]) -> None:
         f"alpha 1 dropout 0.1, towers {dtype_name} / params float32; {flops_4n / 1e9:.3f} GFLOP per quadruplet (4N)")
   print(f"device {env['device_kind']} ({env['platform']}, {env['device_count']} visible), jax {env['jax']}, "
         f"flax {env['flax']}, torch {env.get('torch', '-')} ({env.get('torch_device', 'cpu')}, "
-        f"{env.get('torch_threads', '-')} threads); XLA_FLAGS '{env['xla_flags']}'; windows x steps = {windows} x {steps}"
+        f"{env.get('torch_threads', '-')} threads); XLA_FLAGS '{env['xla_flags']}'; "
+        f"windows x steps = {windows} x {steps}"
         f"{' (JAX and torch interleaved)' if rec['interleaved'] else ''}")
   print(perf.format_table(["side", "ms/step median", "min", "max", "quadruplets/s", "TFLOP/s (4N)",
                            "MFU 4N", "MFU 6N", "peak mem", "first step s"], rows))

@@ -73,7 +73,8 @@ from vlsafe_jax.train import hysac_trainer, tga_trainer
 
 GROUPS = ("clip", "hysac", "lorentz", "uwm", "llava", "cmrm", "tga")
 
-# Tiny shapes for cpu-smoke: every code path of the gpu preset, seconds per group on 2 cores.
+# Tiny shapes for cpu-smoke: the gpu preset's code paths (separate same-weight parity models included), seconds
+# per group on 2 cores.
 _TINY_CLIP = dict(
     text=dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=11, eos_token_id=2),
@@ -115,11 +116,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-smoke": dict(
         clip=dict(spec=_TINY_CLIP, dtype="float32", batches=(1, 4), windows=2, steps=1),
         hysac=dict(spec=dict(_TINY_CLIP, batch=4, dtype="float32"), batch=4, dtype="float32", windows=2, steps=1,
-                   parity_spec=None, parity_batch=2),
+                   parity_spec=_reduced_depth(dict(_TINY_CLIP, batch=4), 1), parity_batch=2),
         lorentz=dict(batches=(32, 64), dim=48, windows=2, steps=1),
         uwm=dict(vision=_TINY_CLIP["vision"], pairs=16, batch=8, project_pairs=8192),
         llava=dict(spec=_TINY_LLAVA, dtype="float32", text_len=7, new_tokens=8, batches=(1, 2), windows=2, steps=1,
-                   parity_spec=None),
+                   parity_spec=_reduced_depth(_TINY_LLAVA)),
         cmrm=dict(batch=2, new_tokens=4, windows=2, steps=1),
         tga=dict(spec=_TINY_TGA, windows=2, steps=1),
         interleave=True, budget_s=None),
@@ -172,6 +173,10 @@ def _mem(**parts: float) -> dict[str, float]:
   return {**parts, "total": sum(parts.values())}
 
 
+def _jdtype(name: str):
+  return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
 def _bytes(dtype: str) -> int:
   return 2 if dtype == "bfloat16" else 4
 
@@ -216,7 +221,8 @@ def plan(preset: str) -> list[Row]:
       rows.append(Row(f"clip_{tower}_b{b}", "clip", "W1" if tower == "image" else "W2", shapes, c["dtype"],
                       "img/s" if tower == "image" else "txt/s", b, b * clip_bench.tower_flops(cfg, tower),
                       "forward, analytic matmul + attention, 2 FLOP/MAC",
-                      _mem(weights=n_all * nb, inputs=inputs), attention_gpu={f"clip.{'vision' if tower == 'image' else 'text'}": att}))
+                      _mem(weights=n_all * nb, inputs=inputs),
+                      attention_gpu={"clip.vision" if tower == "image" else "clip.text": att}))
 
   # ---- HySAC step (W3): 4N per quadruplet (perf.md §2: 701 GFLOP at L/14, 77 tokens).
   h = P["hysac"]
@@ -564,10 +570,9 @@ class _LlavaModels:
 def _llava_models(ctx: Ctx):
   if _LlavaModels.models is None:
     lv = ctx.P["llava"]
-    dtype = jnp.bfloat16 if lv["dtype"] == "bfloat16" else jnp.float32
     parity_spec = lv["parity_spec"]
-    timed = llava_bench.build(lv["spec"], dtype, want_torch=ctx.with_torch, torch_device=ctx.device,
-                              same_weights=parity_spec is None)
+    timed = llava_bench.build(lv["spec"], _jdtype(lv["dtype"]), want_torch=ctx.with_torch,
+                              torch_device=ctx.device, same_weights=parity_spec is None)
     _LlavaModels.models = {"timed": timed, "parity": timed if parity_spec is None else None}
   return _LlavaModels.models
 
@@ -577,9 +582,8 @@ def _llava_parity_pair(ctx: Ctx):
   m = _llava_models(ctx)
   if m["parity"] is None:
     lv = ctx.P["llava"]
-    dtype = jnp.bfloat16 if lv["dtype"] == "bfloat16" else jnp.float32
-    m["parity"] = llava_bench.build(lv["parity_spec"], dtype, want_torch=True, torch_device=ctx.device,
-                                    same_weights=True)
+    m["parity"] = llava_bench.build(lv["parity_spec"], _jdtype(lv["dtype"]), want_torch=True,
+                                    torch_device=ctx.device, same_weights=True)
   return m["parity"]
 
 
