@@ -602,7 +602,7 @@ def run_llava(ctx: Ctx, rows: list[Row]) -> list[dict]:
       t_logits = phf(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pix, logits_to_keep=1).logits
     t_logits = t_logits[:, -1].float().cpu().numpy()
     kl = llava_bench.last_logits_kl(j_logits.reshape(t_logits.shape), t_logits)
-    parity = {"ok": kl <= 0.015, "metric": "last-token KL(torch || jax)", "value": kl, "tol": 0.015,
+    parity = {"ok": kl <= 0.015, "metric": "last-token KL(torch, jax)", "value": kl, "tol": 0.015,
               "max_abs_logit_diff": float(np.max(np.abs(j_logits.reshape(t_logits.shape) - t_logits))),
               "model": "same weights" + (", reduced depth at 7B widths" if lv["parity_spec"] else "")}
   model, hf, cfg = _llava_models(ctx)["timed"]
@@ -753,6 +753,8 @@ def markdown(result: dict) -> str:
                   _fmt(r.get("ratio"), ".2f") + ("x" if r.get("ratio") else ""),
                   f"{pct(j, 'mfu')} / {pct(t, 'mfu')}", f"{pct(j, 'hbm_share')} / {pct(t, 'hbm_share')}",
                   f"{_fmt_bytes(j.get('peak_bytes'))} / {_fmt_bytes(t.get('peak_bytes'))}", par_s, r["status"]])
+  # A "|" inside a cell would split it in GitHub markdown.
+  lines = [[str(v).replace("|", "\\|") for v in line] for line in lines]
   return head + "\n\n" + perf.format_table(headers, lines) + "\n"
 
 

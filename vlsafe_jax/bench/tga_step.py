@@ -154,8 +154,9 @@ def torch_step_fn(hf, batch, layers, loss_cfg, device, lr=1e-5, autocast_bf16: b
         h.remove()
       c = torch.stack([mmean(caught[l], t["caption_mask"]) for l in idx], 1)
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=autocast_bf16):
-      out = (forward or hf)(input_ids=t["input_ids"], pixel_values=pix, attention_mask=t["attention_mask"],
-                            labels=t["labels"], output_hidden_states=True)
+      out = (hf if forward is None else forward)(
+          input_ids=t["input_ids"], pixel_values=pix, attention_mask=t["attention_mask"], labels=t["labels"],
+          output_hidden_states=True)
     hs = out.hidden_states
     v = torch.stack([mmean(hs[l], t["image_mask"]) for l in idx], 1)
     r = torch.stack([mmean(hs[l], t["retrieved_mask"]) for l in idx], 1).detach()
