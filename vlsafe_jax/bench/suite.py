@@ -360,9 +360,10 @@ def side(t: perf.Timing | None, items: float, flops: float | None, *, peak: int 
     out["tflops"] = flops / s / 1e12
     out["mfu"] = perf.mfu(flops / s)
   peak_hw = perf.device_peak()
-  if decode_bytes is not None and s > 0:
-    out["bytes_per_s"] = decode_bytes / s
-    out["hbm_share"] = None if peak_hw is None else decode_bytes / s / (peak_hw[1] * 1e12)
+  if decode_bytes is not None:
+    # s <= 0 happens on tiny CPU shapes, where generate(N) - generate(1) is within the noise: no rate then.
+    out["bytes_per_s"] = decode_bytes / s if s > 0 else None
+    out["hbm_share"] = None if peak_hw is None or s <= 0 else decode_bytes / s / (peak_hw[1] * 1e12)
   out.update(peak_bytes=peak, peak_source=peak_source, **extra)
   return out
 
