@@ -97,6 +97,11 @@ def get_config(arg=None):
   c.train.early_stopping_patience = 0
   c.train.progress = True
 
+  # python -m vlsafe_jax.hysac_probe: the loss on free per-item embeddings started from the base CLIP's features.
+  c.probe = ml_collections.ConfigDict(dict(split="train", n_items=1024 if not smoke else 32, steps=1500 if not smoke
+                                           else 20, batch_size=64 if not smoke else 16, lr=1e-3, weight_decay=0.0,
+                                           seed=0, log_every=100 if not smoke else 10, variant="hysac"))
+
   c.eval_run = ml_collections.ConfigDict(dict(batch_size=256 if not smoke else 16, bounds_limit=0))
   c.eval = ml_collections.ConfigDict(dict(variant="code", synthetic=True, plots=True))
   return c
