@@ -68,7 +68,8 @@ def test_smoke_run_writes_run_directory(smoke_run, capsys):
   bounds = json.loads((workdir / "bounds.json").read_text())
   assert set(bounds) == {"S", "U", "V", "G"} and set(bounds["S"]) == {"avg", "up_95", "low_05"}
   recs = _records(workdir / "metrics.jsonl", "hysac")
-  need = {*losses.TERM_NAMES, "loss", "curvature", "alpha_image", "alpha_text", "logit_scale", "lr", "grad_norm"}
+  need = {*losses.TERM_NAMES, "loss", "curvature", "alpha_image", "alpha_text", "logit_scale", "lr", "grad_norm",
+          "sat_i", "sat_iu", "sat_t", "sat_tu", "root_i", "root_tu", "tu_behind_i", "curv_at_min", "alpha_text_at_max"}
   assert recs and need <= set(recs[-1])
   raw = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
   assert raw["examples_per_s"] > 0
@@ -133,6 +134,22 @@ class _NaNAfter:
 
   def close(self):
     self.loader.close()
+
+
+def test_probe_cli_on_the_run_directory(smoke_run):
+  """python -m vlsafe_jax.hysac_probe on the smoke run's stage-1 CLIP: writes probe/hysac.json whose final root
+  distances are those of its own history's last record and whose ordering flag agrees with them."""
+  from vlsafe_jax import hysac_probe
+  workdir = smoke_run[0]
+  final = hysac_probe.main(["--config", "hysac_synthetic:smoke", "--workdir", str(workdir), "probe.steps=6",
+                            "probe.log_every=3"])
+  report = json.loads((workdir / "probe/hysac.json").read_text())
+  assert report["items"] == 32 and [r["step"] for r in report["history"]] == [3, 6]
+  assert report["final"]["ordered"] == final["ordered"]
+  means = [final[f"mean_{k}"] for k in ("t", "i", "tu", "iu")]
+  assert final["ordered"] == all(a < b for a, b in zip(means, means[1:]))
+  for k in ("t", "i", "tu", "iu"):      # the history's root_* are the same sets' means (float32 vs float64)
+    assert report["history"][-1][f"root_{k}"] == pytest.approx(final[f"mean_{k}"], rel=1e-5)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(smoke_run, tmp_path, monkeypatch):
