@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax.methods.hysac import diagnostics, losses
@@ -263,16 +264,15 @@ class EarlyStopping:
 
 
 def _collapse_warner(stage: str):
-  """An ``on_log`` hook printing the cone-collapse warning the first time a logged step shows it."""
-  warned = False
+  """An ``on_log`` hook printing the cone-collapse warning whenever a logged step shows a failure mode not warned
+  about before in this stage (a run typically passes through "T* behind I" into "saturated apertures")."""
+  warned: set[str] = set()
 
   def on_log(rec: Mapping[str, float]) -> None:
-    nonlocal warned
-    msg = diagnostics.collapse_message(rec)
-    if msg is not None and not warned and jax.process_index() == 0:
-      from tqdm.auto import tqdm
-      tqdm.write(f"[{stage}] WARNING at step {rec['step']}: {msg}")
-      warned = True
+    new = set(diagnostics.collapse_modes(rec)) - warned
+    if new and jax.process_index() == 0:
+      tqdm.write(f"[{stage}] WARNING at step {rec['step']}: {diagnostics.collapse_message(rec)}")
+      warned.update(new)
   return on_log
 
 

@@ -78,23 +78,28 @@ def scalar_clamp_flags(curv, alpha_image, alpha_text, bounds: scalars_lib.Scalar
           "alpha_text_at_max": near(alpha_text, bounds.alpha_max)}
 
 
-def collapse_message(metrics: Mapping[str, float]) -> str | None:
-  """A one-line "cone collapse" warning for host metrics (from :func:`embedding_diagnostics` and
-  :func:`scalar_clamp_flags`), or None when neither failure mode dominates."""
+def collapse_modes(metrics: Mapping[str, float]) -> dict[str, str]:
+  """The failure modes present in host metrics (from :func:`embedding_diagnostics` and :func:`scalar_clamp_flags`):
+  ``{"saturated" | "behind" | "curv_min": description}``, empty when neither dominates."""
+  modes = {}
   sat = {s: metrics[f"sat_{s}"] for s in SETS if f"sat_{s}" in metrics}
-  parts = []
-  worst = max(sat, key=sat.get) if sat else None
-  if worst is not None and sat[worst] >= COLLAPSE_SHARE:
-    parts.append("saturated apertures (sqrt(c)|x| <= 2K) for " + ", ".join(
-        f"{s} {v:.0%}" for s, v in sat.items()))
+  if sat and max(sat.values()) >= COLLAPSE_SHARE:
+    modes["saturated"] = "saturated apertures (sqrt(c)|x| <= 2K) for " + ", ".join(
+        f"{s} {v:.0%}" for s, v in sat.items())
   if metrics.get("tu_behind_i", 0.0) >= COLLAPSE_SHARE:
-    parts.append(f"T* behind I for {metrics['tu_behind_i']:.0%} of items (phi(I, T*) > 3pi/4)")
+    modes["behind"] = f"T* behind I for {metrics['tu_behind_i']:.0%} of items (phi(I, T*) > 3pi/4)"
   if metrics.get("curv_at_min", 0.0) >= 1.0:
-    parts.append("curvature at its lower clamp 0.1")
-  if not parts:
+    modes["curv_min"] = "curvature at its lower clamp 0.1"
+  return modes
+
+
+def collapse_message(metrics: Mapping[str, float]) -> str | None:
+  """A one-line "cone collapse" warning for host metrics, or None (see :func:`collapse_modes`)."""
+  modes = collapse_modes(metrics)
+  if not modes:
     return None
-  return "cone collapse: " + "; ".join(parts) + " (README: HySAC diagnostics)"
+  return "cone collapse: " + "; ".join(modes.values()) + " (README: HySAC diagnostics)"
 
 
 __all__ = ["SETS", "BEHIND_ANGLE", "COLLAPSE_SHARE", "saturated_share", "behind_share", "embedding_diagnostics",
-           "scalar_clamp_flags", "collapse_message"]
+           "scalar_clamp_flags", "collapse_modes", "collapse_message"]
