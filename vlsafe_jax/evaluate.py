@@ -55,11 +55,7 @@ def recompute_bounds(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Pa
   from vlsafe_jax.eval import hysac_eval
   from vlsafe_jax.methods.hysac import model as hysac_model
   from vlsafe_jax.train import common, hysac_trainer
-  text_encoder = None
-  if cfg.data.kind != "synthetic":
-    from vlsafe_jax.data import tokenize, visu
-    text_encoder = visu.HFTextEncoder(tokenize.load_tokenizer(base_dir), cfg.data.max_length)
-  data = common.build_data(cfg.data, text_encoder)
+  data = common.build_data(cfg.data, hysac_trainer.text_encoder(cfg, base_dir))
   model = hysac_model.load_hysac(hysac_dir, base_path=base_dir)
   embs = common.embed_split(hysac_trainer.make_encoder(model), data["train"], data["transform"],
                             cfg.eval_run.batch_size, cfg.eval_run.bounds_limit or None)

@@ -42,7 +42,8 @@ def test_sharded_topk_equals_single_device(mesh_shape):
   v1, i1 = R.topk(q, c, 4)
   v8, i8 = R.topk(q, c, 4, mesh=mesh)
   np.testing.assert_array_equal(np.asarray(i8), np.asarray(i1))
-  np.testing.assert_allclose(np.asarray(v8), np.asarray(v1), rtol=1e-6, atol=1e-7)
+  # Cosines of 11-d unit vectors: per-shard kernels may sum the 11 products in another order, |error| <= 11 u ~ 7e-7.
+  np.testing.assert_allclose(np.asarray(v8), np.asarray(v1), rtol=1e-6, atol=1e-6)
   # k larger than a shard's rows (53 rows / 8 shards -> 7 per shard).
   v9, i9 = R.topk(q, c, 9, mesh=mesh)
   np.testing.assert_array_equal(np.asarray(i9), _brute(q, c, 9)[1])

@@ -234,8 +234,10 @@ def test_sharded_batch_gives_same_scores():
     sh_s, sh_u = sharding.shard_batch((st_s, st_u), mesh)
     assert len(sh_s[0].sharding.device_set) == 8
     out = saliency.update(saliency.init_accumulators({"l": k}, agg), {"l": sh_s}, {"l": sh_u}, {"l": k}, cfg)
+    # The accumulators are sums over n x T = 80 rows, reduced per shard then across 8 devices: relative error
+    # <= 80 u ~ 5e-6 for sums of positive terms, and the scores are ratios of two such sums.
     np.testing.assert_allclose(np.asarray(saliency.finalize_all(out, {"l": k}, cfg)["l"]),
-                               np.asarray(saliency.finalize_all(ref, {"l": k}, cfg)["l"]), rtol=1e-6)
+                               np.asarray(saliency.finalize_all(ref, {"l": k}, cfg)["l"]), rtol=2e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------

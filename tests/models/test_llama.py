@@ -307,5 +307,9 @@ def test_remat_gives_identical_gradients():
     return g(model)
 
   a, b = grads(False), grads(True)
-  chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
+  # Remat recomputes the forward inside the backward pass, where XLA may fuse (and so round) differently: compare
+  # each leaf relative to its own scale, 1e-5 ~ 170 u for a 2-layer, 24-wide model (a wrong recompute is O(1)).
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * np.abs(y).max())
   assert float(jnp.abs(a["model"]["layers"]["mlp"]["up_proj"]["kernel"].get_value()).max()) > 0

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
@@ -67,7 +68,8 @@ def test_smoke_run_writes_run_directory(smoke_run, capsys):
   bounds = json.loads((workdir / "bounds.json").read_text())
   assert set(bounds) == {"S", "U", "V", "G"} and set(bounds["S"]) == {"avg", "up_95", "low_05"}
   recs = _records(workdir / "metrics.jsonl", "hysac")
-  need = {*losses.TERM_NAMES, "loss", "curvature", "alpha_image", "alpha_text", "logit_scale", "lr", "grad_norm"}
+  need = {*losses.TERM_NAMES, "loss", "curvature", "alpha_image", "alpha_text", "logit_scale", "lr", "grad_norm",
+          "sat_i", "sat_iu", "sat_t", "sat_tu", "root_i", "root_tu", "tu_behind_i", "curv_at_min", "alpha_text_at_max"}
   assert recs and need <= set(recs[-1])
   raw = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
   assert raw["examples_per_s"] > 0
@@ -134,6 +136,22 @@ class _NaNAfter:
     self.loader.close()
 
 
+def test_probe_cli_on_the_run_directory(smoke_run):
+  """python -m vlsafe_jax.hysac_probe on the smoke run's stage-1 CLIP: writes probe/hysac.json whose final root
+  distances are those of its own history's last record and whose ordering flag agrees with them."""
+  from vlsafe_jax import hysac_probe
+  workdir = smoke_run[0]
+  final = hysac_probe.main(["--config", "hysac_synthetic:smoke", "--workdir", str(workdir), "probe.steps=6",
+                            "probe.log_every=3"])
+  report = json.loads((workdir / "probe/hysac.json").read_text())
+  assert report["items"] == 32 and [r["step"] for r in report["history"]] == [3, 6]
+  assert report["final"]["ordered"] == final["ordered"]
+  means = [final[f"mean_{k}"] for k in ("t", "i", "tu", "iu")]
+  assert final["ordered"] == all(a < b for a, b in zip(means, means[1:]))
+  for k in ("t", "i", "tu", "iu"):      # the history's root_* are the same sets' means (float32 vs float64)
+    assert report["history"][-1][f"root_{k}"] == pytest.approx(final[f"mean_{k}"], rel=1e-5)
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(smoke_run, tmp_path, monkeypatch):
   base = smoke_run[0] / "clip_base"
   make = common.make_train_loader
@@ -183,16 +201,103 @@ def _step(setup, n=1):
   return jax.device_get(state), jax.device_get(metrics)
 
 
+# 8 simulated devices vs 1: the same global batch, the same dropout masks (one global key), but XLA sums in a
+# different order (per-shard partial sums then a cross-device reduction) and may pick other SIMD widths, so float32
+# results differ in the last bits. Tolerances, derived rather than fitted (u = 2^-24 = 6e-8, float32 rounding):
+# - loss: a few reductions of O(B^2) = 256 O(1) terms: relative error <= ~256 u = 1.5e-5; LOSS_RTOL = 1e-4.
+# - gradient tensors, per leaf: an element is a sum over the batch and over tokens/patches (16 x 7 rows per matmul)
+#   carried back through 2 layers, LayerNorms and a softmax whose gradient p - y cancels, so an element near zero
+#   has no meaningful relative error; the error is bounded relative to the leaf's scale, n u ~ 6e-5 of max|g| for
+#   n ~ 1e3 summands on the longest path: GRAD_RTOL = 1e-4. (Measured here: <= 6e-7, whatever the XLA threading.)
+#   A broken step is far outside it: sum instead of mean is 8x; image rows one shard off is ~1e-3.
+# - the four 0-d scalars: see _assert_leafwise_close; SCALAR_RTOL = 1e-3 of the tree's largest gradient element
+#   (a sum of ~B^2 x 7 = 1800 per-pair derivatives of that size: n u ~ 1e-4; measured 9e-5).
+# - AdamW divides each update by its own RMS, so an element whose gradient is reduction-order noise moves by up to
+#   lr in either direction: parameters after AdamW can only be compared to ~2 lr per step. The parameter check
+#   therefore uses plain SGD (update linear in the gradient), where the error after n steps is lr x the gradient
+#   error plus the rounding of p + update (the AdamW path of the same step function is covered by its metrics).
+LOSS_RTOL, GRAD_RTOL, SCALAR_RTOL = 1e-4, 1e-4, 1e-3
+
+
+def _assert_leafwise_close(a_tree, b_tree, what, atol_tree=None, factor=1.0):
+  """Per leaf: max |a - b| <= factor x GRAD_RTOL x the leaf's max |b| (+ that leaf's ``atol_tree`` entry).
+
+  The four 0-d scalars (curvature, alphas, logit scale) are the exception: each gradient is one sum over all B^2
+  pairs and seven terms of per-pair derivatives that largely cancel (measured: curvature 1.2e-4 against a largest
+  gradient element of 1e-2), so its rounding error scales with the summands, not with the sum; their bound is
+  factor x SCALAR_RTOL x the largest element of the whole tree.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(a_tree)[0]
+  b_leaves = [np.asarray(b, np.float64) for b in jax.tree.leaves(b_tree)]
+  tree_scale = max(np.abs(b).max() for b in b_leaves)
+  atols = [0.0] * len(b_leaves) if atol_tree is None else jax.tree.leaves(atol_tree)
+  for (path, a), b, atol in zip(flat, b_leaves, atols):
+    a = np.asarray(a, np.float64)
+    bound = SCALAR_RTOL * tree_scale if b.ndim == 0 else GRAD_RTOL * np.abs(b).max()
+    assert bound > 0, (what, jax.tree_util.keystr(path), "all-zero leaf: the comparison would be vacuous")
+    err = np.abs(a - b).max()
+    assert err <= factor * bound + atol, (what, jax.tree_util.keystr(path), err, bound, atol)
+
+
+def _nonzero_lora_b(params, seed=7):
+  """``params`` with every LoRA B drawn from N(0, 0.05^2) instead of zeros, so that every LoRA A has a gradient."""
+  rng = np.random.default_rng(seed)
+  def one(path, x):
+    x = np.asarray(x)
+    if str(path[-1].key) == "lora_b":
+      return rng.normal(scale=0.05, size=x.shape).astype(x.dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(one, jax.device_get(params))
+
+
+def _loss_and_grads(setup, params, batch_seed=0, step=0):
+  """The trainer's own objective and its gradients at ``params`` (placed like the state), on ``setup``'s mesh."""
+  loss_fn = hysac_trainer.make_loss_fn(setup.graphdef, setup.loss_cfg)
+  params = jax.device_put(params, setup.state_sh["params"])
+  batch = sharding.shard_batch(_batch(batch_seed), setup.mesh)
+  key = jax.random.fold_in(jax.random.key(3), step)
+  (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      hysac_trainer.clamp_params(params), setup.frozen, batch, key)
+  return float(loss), jax.device_get(grads)
+
+
+def _sgd_steps(setup, params, lr, n):
+  """``n`` steps of the trainer's jitted step with SGD instead of AdamW, from ``params``: (params, metrics, step)."""
+  tx = optax.sgd(lr)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  state_sh = common.train_state_shardings(tx, abstract, setup.state_sh["params"], setup.mesh)
+  step_fn = hysac_trainer.make_train_step(setup.graphdef, setup.loss_cfg, tx, state_sh=state_sh, mesh=setup.mesh)
+  state = common.init_train_state(tx, jax.device_put(params, setup.state_sh["params"]), state_sh)
+  metrics = []
+  for i in range(n):
+    state, m = step_fn(state, setup.frozen, sharding.shard_batch(_batch(i), setup.mesh), jax.random.key(3))
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state["params"]), metrics, step_fn
+
+
 def test_sharded_step_equals_single_device_global_negatives():
   assert jax.device_count() == 8
   s8 = _setup(sharding.make_mesh(data=8))
   s1 = _setup(_one_device_mesh())
-  (st8, m8), (st1, m1) = _step(s8, 2), _step(s1, 2)
-  # Dropout is on (0.1): the masks come from one global key, so they do not depend on the device count.
-  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
-  chex.assert_trees_all_close(st8["params"], st1["params"], rtol=1e-4, atol=1e-6)
-  # One trace/compilation for repeated steps.
-  assert s8.step_fn._cache_size() == 1
+  # Loss and every gradient leaf (dropout on, 0.1: the masks come from one global key, so they do not depend on
+  # the device count), at a point where LoRA B is non-zero so that no leaf's gradient is trivially zero.
+  params = _nonzero_lora_b(s1.state["params"])
+  (l8, g8), (l1, g1) = _loss_and_grads(s8, params), _loss_and_grads(s1, params)
+  np.testing.assert_allclose(l8, l1, rtol=LOSS_RTOL)
+  _assert_leafwise_close(g8, g1, "gradients")
+  # The trainer's step (make_update_fn: clamp, gradients, update, metrics) with SGD (lr 0.1), two steps from the
+  # same point. Each SGD update is lr x gradient, then rounded into the parameter: besides lr x the gradient error,
+  # the two runs may round p + update to neighbouring floats, one ulp of |p| (<= 2 u |p|) per step.
+  p8, m8, step8 = _sgd_steps(s8, params, 0.1, 2)
+  p1, m1, _ = _sgd_steps(s1, params, 0.1, 2)
+  for a, b in zip(m8, m1):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=LOSS_RTOL)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=GRAD_RTOL)    # norm of the whole tree
+  delta = lambda p: jax.tree.map(lambda x, x0: np.asarray(x, np.float64) - x0, p, params)
+  ulps = jax.tree.map(lambda x0: 2 * 2 * 2.0 ** -24 * np.abs(x0).max(), params)
+  # Two steps: the second gradient is taken where the parameters already differ by lr x the first one's error.
+  _assert_leafwise_close(delta(p8), delta(p1), "SGD updates after 2 steps", ulps, factor=2)
+  assert step8._cache_size() == 1        # one trace/compilation for repeated steps
 
 
 def test_local_negatives_are_mean_of_per_shard_losses():

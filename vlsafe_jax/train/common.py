@@ -222,13 +222,15 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
              total_steps: int, ckpt: ckpt_lib.Checkpointer, writer: MetricsWriter, meta: Mapping[str, Any],
              train_cfg: ml_collections.ConfigDict, batch_size: int, flops_per_example: float | None = None,
              log_extra: Callable[[State], dict[str, float]] | None = None,
-             on_epoch_end: Callable[[State, int], bool] | None = None) -> State:
+             on_epoch_end: Callable[[State, int], bool] | None = None,
+             on_log: Callable[[dict[str, Any]], None] | None = None) -> State:
   """Steps ``state`` to ``total_steps`` with checkpoints every ``train_cfg.checkpoint_every`` steps and at the end.
 
   Non-finite losses: with ``nonfinite="raise"`` the loop raises :class:`NonFiniteLossError` *before* saving, so the
   last good checkpoint stays the latest. ``train_cfg.max_steps_this_run`` (0 = unlimited) stops the process after
   that many steps with :class:`StopAfterSteps` (after the checkpoint of that step, if one was due): a simulated kill.
-  ``on_epoch_end(state, epoch) -> stop?`` runs after each epoch (validation, early stopping).
+  ``on_epoch_end(state, epoch) -> stop?`` runs after each epoch (validation, early stopping); ``on_log(record)``
+  after each metrics record is written (console warnings).
   """
   from tqdm.auto import tqdm
   start = int(jax.device_get(state["step"]))
@@ -265,6 +267,8 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
               f"checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is intact. Lower the learning rate, or set "
               f"train.nonfinite=skip to skip such steps.")
         writer.write(rec)
+        if on_log is not None:
+          on_log(rec)
         bar.set_postfix(loss=f"{host['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.0f}")
         t_last, n_since = time.perf_counter(), 0
       elif train_cfg.nonfinite == "raise" and train_cfg.get("check_every_step", False):
@@ -341,11 +345,13 @@ def iterate_split(source, transform, batch_size: int, limit: int | None = None):
   from vlsafe_jax.data import pipeline
   n = len(source) if limit is None else min(limit, len(source))
   if n < len(source):
+    full = source       # the class body must not close over `source`, which is rebound to the head just below
+
     class _Head:
       def __len__(self):
         return n
       def __getitem__(self, i):
-        return source[i]
+        return full[i]
     source = _Head()
   loader = pipeline.make_loader(source, min(batch_size, n), seed=0, shuffle=False, num_epochs=1,
                                 drop_remainder=False, transform=transform, shard_index=0, shard_count=1)

@@ -29,9 +29,10 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from vlsafe_jax import checkpoint as ckpt_lib
-from vlsafe_jax.methods.hysac import losses
+from vlsafe_jax.methods.hysac import diagnostics, losses
 from vlsafe_jax.methods.hysac import model as hysac_model
 from vlsafe_jax.methods.hysac import scalars as scalars_lib
 from vlsafe_jax.models.clip import CLIP, clip_image_flops, clip_text_flops
@@ -88,16 +89,12 @@ class HySACSetup:
   options: hysac_model.HySACOptions
 
 
-def make_train_step(graphdef, loss_cfg: losses.HySACLossConfig, tx: optax.GradientTransformation, *,
-                    state_sh: dict, mesh: Mesh, lr_fn: optax.Schedule | None = None, nonfinite: str = "raise"):
-  """The jitted HySAC step ``(state, frozen, batch, rng) -> (state, metrics)``; ``state`` is donated.
-
-  ``batch`` holds ``safe_image``/``unsafe_image`` (B, h, w, 3) float32 and ``safe_ids``/``unsafe_ids`` (B, T) int32,
-  sharded over the batch axes. Metrics: total loss, the seven terms, curvature, alphas, logit scale, lr, grad
-  norm, ``finite``.
-  """
-  bounds = scalars_lib.ScalarBounds()
-
+def make_loss_fn(graphdef, loss_cfg: losses.HySACLossConfig):
+  """The step's objective ``(params, frozen, batch, key) -> (total, aux)``: merge, reseed dropout with ``key``, embed
+  the quadruplet, lift, seven terms. ``params`` must already be clamped (:func:`clamp_params`); ``aux`` holds the
+  terms, curvature, alphas, logit scale and the cone-collapse diagnostics (``methods/hysac/diagnostics.py``: the
+  share of each set in the saturated-aperture zone, mean root distances, the share of T* behind I, scalars at a
+  clamp) as 0-d arrays."""
   def loss_fn(params, frozen, batch, key):
     model = nnx.merge(graphdef, params, frozen)
     nnx.reseed(model, dropout=key)
@@ -105,10 +102,29 @@ def make_train_step(graphdef, loss_cfg: losses.HySACLossConfig, tx: optax.Gradie
     c, s = model.curvature(), model.logit_scale()
     total, terms = losses.hysac_loss(e_i, e_iu, e_t, e_tu, c, s, loss_cfg)
     a_img, a_txt = model.scalars.alphas()
-    return total, {**terms, "curvature": c, "alpha_image": a_img, "alpha_text": a_txt, "logit_scale": s}
+    # Cone-collapse diagnostics ride along (comparisons and means: no gradient, negligible cost).
+    diag = diagnostics.embedding_diagnostics(*jax.lax.stop_gradient((e_i, e_iu, e_t, e_tu, c)),
+                                             min_radius=loss_cfg.min_radius)
+    diag.update(diagnostics.scalar_clamp_flags(*jax.lax.stop_gradient((c, a_img, a_txt))))
+    return total, {**terms, "curvature": c, "alpha_image": a_img, "alpha_text": a_txt, "logit_scale": s, **diag}
+  return loss_fn
 
-  return common.make_update_fn(loss_fn, tx, state_sh=state_sh, mesh=mesh, lr_fn=lr_fn, nonfinite=nonfinite,
-                               pre_step=lambda p: scalars_lib.clamp_scalars(p, bounds))
+
+def clamp_params(params: dict) -> dict:
+  """The reference clamps of the four scalars (``hysac.md`` §4), applied before every forward pass."""
+  return scalars_lib.clamp_scalars(params, scalars_lib.ScalarBounds())
+
+
+def make_train_step(graphdef, loss_cfg: losses.HySACLossConfig, tx: optax.GradientTransformation, *,
+                    state_sh: dict, mesh: Mesh, lr_fn: optax.Schedule | None = None, nonfinite: str = "raise"):
+  """The jitted HySAC step ``(state, frozen, batch, rng) -> (state, metrics)``; ``state`` is donated.
+
+  ``batch`` holds ``safe_image``/``unsafe_image`` (B, h, w, 3) float32 and ``safe_ids``/``unsafe_ids`` (B, T) int32,
+  sharded over the batch axes. Metrics: total loss, the seven terms, curvature, alphas, logit scale, lr, grad
+  norm, ``finite``. The objective is :func:`make_loss_fn` at :func:`clamp_params` of the state's params.
+  """
+  return common.make_update_fn(make_loss_fn(graphdef, loss_cfg), tx, state_sh=state_sh, mesh=mesh, lr_fn=lr_fn,
+                               nonfinite=nonfinite, pre_step=clamp_params)
 
 
 def build_hysac(clip: CLIP, *, options: hysac_model.HySACOptions, loss_cfg: losses.HySACLossConfig,
@@ -150,6 +166,15 @@ def eval_model(setup: HySACSetup, params=None) -> hysac_model.HySAC:
   model.clamp_scalars_()
   model.eval()
   return model
+
+
+def text_encoder(cfg: ml_collections.ConfigDict, base_dir: Path):
+  """The caption tokenizer for ``cfg.data``: None for the synthetic benchmark (its own word tokenizer), else the
+  base CLIP directory's HF tokenizer."""
+  if cfg.data.kind == "synthetic":
+    return None
+  from vlsafe_jax.data import tokenize, visu
+  return visu.HFTextEncoder(tokenize.load_tokenizer(base_dir), cfg.data.max_length)
 
 
 def make_encoder(model: hysac_model.HySAC):
@@ -238,6 +263,19 @@ class EarlyStopping:
       c.close()
 
 
+def _collapse_warner(stage: str):
+  """An ``on_log`` hook printing the cone-collapse warning whenever a logged step shows a failure mode not warned
+  about before in this stage (a run typically passes through "T* behind I" into "saturated apertures")."""
+  warned: set[str] = set()
+
+  def on_log(rec: Mapping[str, float]) -> None:
+    new = set(diagnostics.collapse_modes(rec)) - warned
+    if new and jax.process_index() == 0:
+      tqdm.write(f"[{stage}] WARNING at step {rec['step']}: {diagnostics.collapse_message(rec)}")
+      warned.update(new)
+  return on_log
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Stage "hysac" for one variant
 # --------------------------------------------------------------------------------------------------------------
@@ -259,11 +297,7 @@ def train_variant(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path,
   global_batch = h.batch_size_per_device * n_batch_devices
 
   # ---------------------------------------------------------------------------------------------- data
-  text_encoder = None
-  if cfg.data.kind != "synthetic":
-    from vlsafe_jax.data import tokenize, visu
-    text_encoder = visu.HFTextEncoder(tokenize.load_tokenizer(base_dir), cfg.data.max_length)
-  data = common.build_data(cfg.data, text_encoder)
+  data = common.build_data(cfg.data, text_encoder(cfg, base_dir))
   loader = common.make_train_loader(data["train"], data["transform"], global_batch, cfg.data, cfg.seed + 1)
   total_steps = h.epochs * loader.steps_per_epoch if h.steps <= 0 else h.steps
 
@@ -295,7 +329,8 @@ def train_variant(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path,
                           mesh=mesh, rng=jax.random.key(cfg.seed + 2), total_steps=total_steps, ckpt=ckpt,
                           writer=writer, meta={"stage": stage, "variant": variant, "base_path": str(base_dir)},
                           train_cfg=cfg.train, batch_size=global_batch,
-                          flops_per_example=step_flops(clip.config, n_tok), on_epoch_end=on_epoch_end)
+                          flops_per_example=step_flops(clip.config, n_tok), on_epoch_end=on_epoch_end,
+                          on_log=_collapse_warner(stage))
   ckpt.close()
   loader.close()
   if stopper is not None:
@@ -320,11 +355,7 @@ def evaluate_run(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path, 
   """Embeds the test split (and the training split for bounds) with every model and writes ``eval.json``,
   ``bounds.json`` and ``plots/`` through ``vlsafe_jax.eval.hysac_eval``; prints the results table."""
   from vlsafe_jax.eval import hysac_eval
-  text_encoder = None
-  if cfg.data.kind != "synthetic":
-    from vlsafe_jax.data import tokenize, visu
-    text_encoder = visu.HFTextEncoder(tokenize.load_tokenizer(base_dir), cfg.data.max_length)
-  data = common.build_data(cfg.data, text_encoder)
+  data = common.build_data(cfg.data, text_encoder(cfg, base_dir))
   test = data["test"] if data["test"] is not None else data["val"]
   if test is None:
     raise ValueError("evaluation needs data.test_json (or data.val_json)")
@@ -435,7 +466,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "ABLATIONS", "HySACSetup", "options_from_cfg", "loss_config", "make_train_step", "build_hysac", "eval_model",
-    "make_encoder", "make_clip_encoder", "step_flops", "validate", "EarlyStopping", "train_variant",
+    "ABLATIONS", "HySACSetup", "options_from_cfg", "loss_config", "make_loss_fn", "clamp_params", "text_encoder",
+    "make_train_step", "build_hysac", "eval_model", "make_encoder", "make_clip_encoder", "step_flops", "validate", "EarlyStopping", "train_variant",
     "evaluate_run", "summarize", "print_results", "run",
 ]
