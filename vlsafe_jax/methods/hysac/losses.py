@@ -156,7 +156,7 @@ def _softmax_ce_diag(logits_bm: jax.Array, offset=0) -> jax.Array:
 # math with a hand-written VJP: the forward pass also forms the ``B x B`` "unit gradient" (everything the backward
 # needs except the incoming cotangent, a scalar per term), arccosh is evaluated once per element through a square
 # root it shares with its derivative, and the log-sum-exp shifts come from the matmul output (no transcendental
-# pass). BENCH_NOTES.md records the HLO before and after.
+# pass). The README (Benchmarks, Lorentz loss block) records the HLO counts before and after.
 
 # Distances saturate at arccosh(_Z_MAX) ~ 42.1 / sqrt(c) so that (z - 1)(z + 1) cannot overflow float32; that needs
 # points ~1e9 / sqrt(c) from the root, far beyond exp_map0's cap (2^15 / sqrt(c)).
