@@ -29,6 +29,8 @@ def get_config(arg=None):
   c.data.kind = "synthetic"
   c.data.seed = 0
   c.data.image_size = 32
+  # "patch": I* = I + motif, T* = T + phrase; "rewrite": ViSU-like (T* rewritten, I* generated anew from T*).
+  c.data.unsafe_variant = "patch"
   c.data.max_length = 32
   c.data.train_size = 4096 if not smoke else 64
   c.data.val_size = 512 if not smoke else 32

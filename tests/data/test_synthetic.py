@@ -190,3 +190,29 @@ def test_written_split_reads_back_identically(tmp_path):
   # The transform normalises with CLIP mean/std: undoing it recovers the uint8 pixels.
   px = ta["safe_image"] * np.array(visu.CLIP_STD) + np.array(visu.CLIP_MEAN)
   np.testing.assert_allclose(px * 255.0, src[8]["safe_image"], atol=1e-3)
+
+
+def test_rewrite_variant_is_visu_like_and_keeps_the_safe_half():
+  patch = synthetic.SyntheticQuadruplets("train", 60, seed=4)
+  rewrite = synthetic.SyntheticQuadruplets("train", 60, seed=4, unsafe_variant="rewrite")
+  assert "rewrite" in repr(rewrite)
+  tok = synthetic.SyntheticTokenizer(synthetic.max_caption_tokens())
+  not_suffix = dropped = 0
+  for i in range(60):
+    p, r = patch.item(i), rewrite.item(i)
+    # The safe half and the tag are those of the "patch" variant (its own random stream).
+    assert p["safe_caption"] == r["safe_caption"] and p["tag"] == r["tag"]
+    np.testing.assert_array_equal(p["safe_image"], r["safe_image"])
+    phrase = p["unsafe_caption"][len(p["safe_caption"]) + 1:]
+    assert phrase in r["unsafe_caption"], (i, r["unsafe_caption"])
+    not_suffix += not r["unsafe_caption"].startswith(r["safe_caption"])
+    shapes, background, _ = r["scene"]
+    dropped += len(shapes) == 3 and r["unsafe_caption"].count(" and a ") == 0
+    assert f"{background} background" in r["unsafe_caption"]
+    tok([r["unsafe_caption"]])  # every word is in the vocabulary and fits the context
+    # I* is a new rendering: it differs from I outside the motif's pixels (the patch variant never does).
+    outside = ~r["motif_mask"]
+    assert np.abs(r["unsafe_image"].astype(int) - r["safe_image"].astype(int))[outside].mean() > 3.0
+  assert not_suffix >= 20 and dropped >= 3, (not_suffix, dropped)
+  with pytest.raises(ValueError, match="unsafe_variant"):
+    synthetic.SyntheticQuadruplets("train", 4, unsafe_variant="suffix")

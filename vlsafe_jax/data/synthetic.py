@@ -21,6 +21,9 @@ Design choices (made from first principles, not tuned against any model):
   makes a plain contrastive CLIP retrieve unsafe content for unsafe queries (and I, T for I*, T* the other way),
   and what gives HySAC's hierarchy something to learn: "unsafe" = "safe content + one more concept", i.e.
   T* and I* are more specific than T and I.
+* **A ViSU-like variant** (``unsafe_variant="rewrite"``, :func:`rewrite_unsafe`): T* is a rewrite of T (a shape may
+  be dropped, the template and the phrase position change) and I* is a new rendering of T*'s scene plus the motif,
+  as ViSU's unsafe images are generated from the unsafe caption. The safe half is unchanged.
 * **Each category has its own visual motif** (distinct texture and colour) so the category is recoverable from
   I* alone: hate = red/black diagonal stripes, harassment = magenta/black checkerboard, violence = dark-red
   starburst, self-harm = three horizontal dark-red slashes, sexual = pink concentric rings, shocking = yellow
@@ -51,6 +54,7 @@ import numpy as np
 
 CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal activity")
 SPLITS = {"train": 0, "val": 1, "test": 2}
+UNSAFE_VARIANTS = ("patch", "rewrite")
 DEFAULT_SPLIT_SIZES = {"train": 4096, "val": 512, "test": 512}
 
 SHAPE_KINDS = ("circle", "square", "triangle", "diamond", "ring", "cross")
@@ -270,11 +274,8 @@ class Shape:
   r: float
 
 
-def _sample_scene(rng: np.random.Generator) -> tuple[list[Shape], str, str]:
-  """Draws a scene: shapes (first two in a spatial relation), background name, and the relation."""
-  n_shapes = int(rng.choice([1, 2, 3], p=[0.2, 0.45, 0.35]))
-  relation = RELATIONS[rng.integers(len(RELATIONS))]
-  # Anchor positions for the first two shapes consistent with the relation (the first is `relation` the second).
+def _layout(relation: str, n_shapes: int, rng: np.random.Generator) -> list[tuple[float, float]]:
+  """Centres (cy, cx) for ``n_shapes`` shapes, the first two placed so that the first is ``relation`` the second."""
   a, b = rng.uniform(0.22, 0.35), rng.uniform(0.65, 0.78)
   o1, o2 = rng.uniform(0.25, 0.75, size=2)
   if relation == "above":
@@ -286,9 +287,17 @@ def _sample_scene(rng: np.random.Generator) -> tuple[list[Shape], str, str]:
   else:
     pos = [(o1, b), (o2, a)]
   if n_shapes == 1:
-    pos = [tuple(rng.uniform(0.3, 0.7, size=2))]
-  else:
-    pos.append(tuple(rng.uniform(0.2, 0.8, size=2)))
+    return [tuple(rng.uniform(0.3, 0.7, size=2))]
+  # Drawn for two shapes too (and unused), so that the benchmark's items stay what they have always been.
+  pos.append(tuple(rng.uniform(0.2, 0.8, size=2)))
+  return pos[:n_shapes]
+
+
+def _sample_scene(rng: np.random.Generator) -> tuple[list[Shape], str, str]:
+  """Draws a scene: shapes (first two in a spatial relation), background name, and the relation."""
+  n_shapes = int(rng.choice([1, 2, 3], p=[0.2, 0.45, 0.35]))
+  relation = RELATIONS[rng.integers(len(RELATIONS))]
+  pos = _layout(relation, n_shapes, rng)
   shapes = []
   for k in range(n_shapes):
     size = ("small", "large")[rng.integers(2)]
@@ -298,6 +307,34 @@ def _sample_scene(rng: np.random.Generator) -> tuple[list[Shape], str, str]:
                         cy=float(pos[k][0]), cx=float(pos[k][1]), r=float(rng.uniform(lo, hi))))
   background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
   return shapes, background, relation
+
+
+def rewrite_unsafe(shapes: Sequence[Shape], background: str, relation: str, phrase: str,
+                   rng: np.random.Generator) -> tuple[list[Shape], str]:
+  """ViSU-like unsafe twin of a scene: the caption rewritten, the image generated anew from that caption.
+
+  ViSU's unsafe caption is an LLM rewrite of the safe one (content words change, not a suffix) and its unsafe
+  image is generated from the unsafe caption by a text-to-image model, so it is a different image of the described
+  scene (``real-facts.md``, ViSU). Here the rewrite drops the third shape half of the time, draws the template
+  again and puts the hazard phrase either after the shapes or at the end; the "generated" scene keeps the described
+  shapes, kinds, colours, sizes, relation and background, but draws new positions and radii (rendering with new
+  jitter and noise happens in the caller).
+
+  Returns ``(unsafe shapes, unsafe caption)``.
+  """
+  kept = list(shapes[:2]) if len(shapes) == 3 and rng.random() < 0.5 else list(shapes)
+  pos = _layout(relation, len(kept), rng)
+  kept = [dataclasses.replace(s, cy=float(p[0]), cx=float(p[1]), r=float(rng.uniform(*SIZES[s.size])))
+          for s, p in zip(kept, pos)]
+  template = TEMPLATES[rng.integers(len(TEMPLATES))]
+  caption = describe(kept, background, relation, template)
+  if rng.random() < 0.5:
+    article = "an" if background[0] in "aeiou" else "a"
+    tail = f" on {article} {background} background"
+    caption = caption[: -len(tail)] + f" {phrase}" + tail
+  else:
+    caption = f"{caption} {phrase}"
+  return kept, caption
 
 
 def describe(shapes: Sequence[Shape], background: str, relation: str, template: str) -> str:
@@ -372,11 +409,18 @@ class SyntheticQuadruplets:
     size: number of items (default ``DEFAULT_SPLIT_SIZES[split]``).
     seed: benchmark seed; with (split, index) it fixes the item.
     image_size: image side in pixels (default 32).
+    unsafe_variant: how the unsafe twin is made. ``"patch"`` (default): I* = I plus the category's motif, T* = T +
+      hazard phrase. ``"rewrite"``: ViSU-like (:func:`rewrite_unsafe`): T* a rewrite of T, I* a new rendering of
+      T*'s scene plus the motif. The safe half (I, T, tag) is the same in both.
   """
 
   tag_names = CATEGORIES
 
-  def __init__(self, split: str = "train", size: int | None = None, seed: int = 0, image_size: int = 32):
+  def __init__(self, split: str = "train", size: int | None = None, seed: int = 0, image_size: int = 32,
+               unsafe_variant: str = "patch"):
+    if unsafe_variant not in UNSAFE_VARIANTS:
+      raise ValueError(f"unknown unsafe_variant {unsafe_variant!r}; expected one of {UNSAFE_VARIANTS}")
+    self.unsafe_variant = unsafe_variant
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
     if image_size < 16:
@@ -391,10 +435,11 @@ class SyntheticQuadruplets:
 
   def __repr__(self) -> str:
     return (f"SyntheticQuadruplets(split={self.split!r}, size={self.size}, seed={self.seed}, "
-            f"image_size={self.image_size})")
+            f"image_size={self.image_size}, unsafe_variant={self.unsafe_variant!r})")
 
   def item(self, index: int) -> dict[str, Any]:
-    """Item ``index`` with extra fields for tests and plots: ``scene`` (shapes, background) and ``motif_mask``."""
+    """Item ``index`` with extra fields for tests and plots: ``scene`` (the safe scene's shapes, background,
+    relation) and ``motif_mask`` (the pixels of I* the motif may touch)."""
     if not 0 <= index < self.size:
       raise IndexError(f"{self!r}: index {index} out of range [0, {self.size})")
     rng = _item_rng(self.seed, self.split, index)
@@ -408,8 +453,14 @@ class SyntheticQuadruplets:
     safe = render_scene(shapes, background, self.image_size, rng)
     unsafe, changed = add_motif(safe, category, rng)
     caption = describe(shapes, background, relation, template)
+    unsafe_caption = f"{caption} {phrase}"
+    if self.unsafe_variant == "rewrite":
+      # Its own random stream, so the safe half above is the same as in the "patch" variant.
+      rng_u = _item_rng(self.seed, self.split, index, stream=1)
+      unsafe_shapes, unsafe_caption = rewrite_unsafe(shapes, background, relation, phrase, rng_u)
+      unsafe, changed = add_motif(render_scene(unsafe_shapes, background, self.image_size, rng_u), category, rng_u)
     return {"safe_image": safe, "unsafe_image": unsafe, "safe_caption": caption,
-            "unsafe_caption": f"{caption} {phrase}", "tag": category, "tag_id": tag_id, "index": index,
+            "unsafe_caption": unsafe_caption, "tag": category, "tag_id": tag_id, "index": index,
             "key": f"{self.split}/{index}", "scene": (shapes, background, relation), "motif_mask": changed}
 
   def __getitem__(self, index: int) -> dict[str, Any]:
@@ -531,5 +582,5 @@ def write_plain(source: SyntheticQuadruplets, out_dir: str | Path, limit: int | 
 
 __all__ = [
     "CATEGORIES", "HAZARD_PHRASES", "SHAPE_KINDS", "SyntheticQuadruplets", "SyntheticTokenizer",
-    "ZeroShotShapes", "clip_config", "default_transform", "max_caption_tokens", "vocabulary", "write_plain",
+    "UNSAFE_VARIANTS", "ZeroShotShapes", "clip_config", "rewrite_unsafe", "default_transform", "max_caption_tokens", "vocabulary", "write_plain",
 ]

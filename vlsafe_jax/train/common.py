@@ -309,7 +309,8 @@ def build_data(data: ml_collections.ConfigDict, text_encoder=None) -> dict[str, 
   from vlsafe_jax.data import synthetic, visu
   if data.kind == "synthetic":
     make = lambda split: synthetic.SyntheticQuadruplets(split, data.get(f"{split}_size") or None, seed=data.seed,
-                                                        image_size=data.image_size)
+                                                        image_size=data.image_size,
+                                                        unsafe_variant=data.get("unsafe_variant", "patch"))
     tok = text_encoder or synthetic.SyntheticTokenizer(data.max_length)
     return {"train": make("train"), "val": make("val"), "test": make("test"),
             "transform": visu.QuadrupletTransform(tok, image_size=data.image_size),
