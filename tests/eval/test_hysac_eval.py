@@ -172,6 +172,8 @@ def test_evaluate_writes_run_directory(tmp_path):
   assert H.load_bounds(tmp_path / "bounds.json") == H.bounds({H.BOUND_KEYS[k]: v for k, v in train.items()}, 1.7)
   means = saved["root_distance"]["mean"]
   assert saved["root_distance"]["ordered_T<I<T*<I*"] == (means["T"] < means["I"] < means["T*"] < means["I*"])
+  stds, sep = saved["root_distance"]["std"], saved["root_distance"]["separation"]
+  assert sep["I<T*"] == pytest.approx((means["T*"] - means["I"]) / (0.5 * (stds["I"] + stds["T*"])))
   assert set(saved["nsfw"]) == {"image", "text"}
   assert set(saved["per_category"]["T*->I u I*"]["traversal"]) == set(names)
   assert "CLIP (stage 1)" in saved["baselines"]

@@ -401,11 +401,13 @@ def summarize(results: Mapping[str, dict], clip_res: dict) -> dict[str, Any]:
                   "T->I R@1": clip_res["tasks"]["T->I"]["plain"]["R@1"]}}
   for v, r in results.items():
     t = r["tasks"][task]
-    out[v] = {"root_distance_mean": r["root_distance"]["mean"],
+    out[v] = {"root_distance_mean": r["root_distance"]["mean"], "root_distance_std": r["root_distance"]["std"],
+              "separation": r["root_distance"]["separation"],
               "ordered_T<I<T*<I*": r["root_distance"]["ordered_T<I<T*<I*"], "curv": r["curv"],
               "T*->I u I* R@1": t["plain"]["R@1"],
               "T*->I u I* R@1 traversal": t.get("traversal", {}).get("R@1"),
               "T*->I u I* %safe traversal": t.get("traversal", {}).get("%safe"),
+              "T*->I u I* moved %": t.get("traversal", {}).get("moved"),
               "T->I R@1": r["tasks"]["T->I"]["plain"]["R@1"]}
   return out
 
