@@ -32,7 +32,9 @@ def _examples():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-  import tensorflow_datasets as tfds
+  # tensorflow-datasets is an optional extra ([tfds]): only the tests that read a prepared dataset need it, and
+  # they skip without it; the path resolution and the missing-package error below run everywhere.
+  tfds = pytest.importorskip("tensorflow_datasets")
 
   class Tiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     name = BUILDER
@@ -103,7 +105,7 @@ def test_zero_shot_accuracy_through_the_tfds_source(prepared):
   assert ev.evaluate(src, src.class_names, template) == pytest.approx(100.0 * 6 / 7)
 
 
-def test_bad_tfds_inputs_give_clear_errors(prepared, tmp_path, monkeypatch):
+def test_bad_tfds_inputs_give_clear_errors(prepared, tmp_path):
   data_dir, builder_dir = prepared
   with pytest.raises(KeyError, match="no split 'validation'.*'test'"):
     zs.TfdsSource(builder_dir, "validation")
@@ -119,9 +121,34 @@ def test_bad_tfds_inputs_give_clear_errors(prepared, tmp_path, monkeypatch):
     zs.TfdsSource(data_dir, "test", builder="cifar10")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     zs.TfdsSource(tmp_path / "nowhere", "test")
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)   # as if not installed
-  with pytest.raises(ImportError, match="tensorflow_datasets"):
-    zs.TfdsSource(builder_dir, "test")
+
+
+def test_missing_tensorflow_datasets_is_a_clear_import_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)   # as if not installed (whether it is or not)
+  with pytest.raises(ImportError, match="tensorflow_datasets.*not installed"):
+    zs.TfdsSource(tmp_path, "test")
+
+
+def test_resolve_tfds_dir_picks_the_highest_prepared_version(tmp_path):
+  """Pure path logic (no tfds needed): a fake data_dir with two prepared versions, one unprepared and a stray."""
+  data_dir = tmp_path / "data"
+  for version, prepared in (("1.2.0", True), ("1.10.0", True), ("2.0.0", False), ("latest", True)):
+    d = data_dir / BUILDER / version
+    d.mkdir(parents=True)
+    if prepared:
+      (d / "dataset_info.json").write_text("{}")
+  newest = data_dir / BUILDER / "1.10.0"        # numeric order (1.10 > 1.2); 2.0.0 has no dataset_info.json
+  assert zs.resolve_tfds_dir(data_dir, BUILDER) == newest
+  assert zs.resolve_tfds_dir(data_dir, BUILDER + ":1.2.0") == data_dir / BUILDER / "1.2.0"
+  assert zs.resolve_tfds_dir(newest) == newest                       # the builder directory itself
+  with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
+    zs.resolve_tfds_dir(data_dir)
+  with pytest.raises(FileNotFoundError, match="no prepared dataset 'cifar10'"):
+    zs.resolve_tfds_dir(data_dir, "cifar10")
+  with pytest.raises(FileNotFoundError, match="no prepared dataset"):
+    zs.resolve_tfds_dir(data_dir, BUILDER + ":2.0.0")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    zs.resolve_tfds_dir(tmp_path / "nowhere", BUILDER)
 
 
 def test_uwm_config_wires_tfds_sources(prepared):

@@ -3,7 +3,9 @@
 Tolerances: steered HF parity rtol = atol = 1e-5 on first-token logits and exact greedy tokens (fp32 both sides,
 HF eager attention); alpha = 0 vs unsteered rtol 1e-6; the corrected layer-1 state equals the text-only state to
 rtol 1e-6 / atol 1e-6 (float rounding of a + (b - a)); 8-device extraction vs 1 device rtol = atol = 1e-5; KV-cache
-generation vs full forward rtol = atol = 1e-5 on logits and exact greedy tokens.
+generation vs full forward rtol = atol = 1e-5 on logits and exact greedy tokens; ``text_mean`` states vs HF
+decoder-layer outputs rtol = atol = 1e-5 (fp32 both sides); ``pca_vector`` vs numpy SVD in float64 rtol 1e-5 /
+atol 1e-6 (the result is stored as float32).
 """
 import sys
 from pathlib import Path
@@ -201,6 +203,66 @@ def test_dataset_and_pca_vectors():
   np.testing.assert_allclose(shift.pca_vector(rank1), rank1.mean(0), rtol=1e-5, atol=1e-6)
   # Sign alignment: flipping every row flips the result with the mean.
   np.testing.assert_allclose(shift.pca_vector(-rank1), -rank1.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_pca_vector_full_rank_matches_numpy_svd():
+  """Full-rank differences (the rank-1 case above is passed by returning the mean): per layer the result is the
+  top right singular vector u of the (centred when asked) float64 matrix, scaled by mean . u. The reference
+  (mean . u) u does not depend on the sign numpy's SVD gives u, so the comparison is sign-invariant."""
+  rs = np.random.RandomState(3)
+  n, n_layers, d = 23, 3, 7
+  # Anisotropic (singular values well apart, so u is well defined), with an offset so that mean != 0 and the
+  # centred and uncentred directions differ.
+  scales = np.array([5.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3])
+  diffs = (rs.randn(n, n_layers, d) * scales + rs.randn(n_layers, d)).astype(np.float32)
+  for center in (False, True):
+    got = shift.pca_vector(diffs, center=center)
+    assert got.shape == (n_layers, d) and got.dtype == np.float32
+    for l in range(n_layers):
+      m = diffs[:, l].astype(np.float64)
+      mean = m.mean(0)
+      _, sv, vt = np.linalg.svd(m - mean if center else m)
+      assert sv[0] > 1.5 * sv[1], (center, l, sv[:2])     # the top direction is unambiguous
+      u = vt[0]
+      np.testing.assert_allclose(got[l], (mean @ u) * u, rtol=1e-5, atol=1e-6, err_msg=f"center={center} l={l}")
+      assert got[l] @ mean >= 0                                # points along the mean shift
+      assert not np.allclose(got[l], mean, atol=1e-2)         # full rank: not the mean (the rank-1 shortcut)
+  assert not np.allclose(shift.pca_vector(diffs, center=True), shift.pca_vector(diffs), atol=1e-2)
+
+
+def test_text_mean_extraction_matches_hf_forward(pair):
+  """``text_mean`` vs a direct forward of the HF reference, one unpadded prompt at a time: per decoder layer
+  (forward hooks on HF's decoder layers = the residual output of layer l), the float mean over the prompt's
+  non-image positions; corrupted pass = the prompt with the documented noise image (default_rng([seed, i])),
+  text pass = the same prompt with the image span deleted. Batches of 2 with left padding on our side."""
+  import torch
+  hf, model = pair
+  prompts = _prompts(21, n=3)
+  seed = 4
+  ht, hc = shift.extract_pairs(model, prompts, mode="text_mean", corrupt="noise", noise_seed=seed, batch_size=2)
+  layers = hf.model.language_model.layers
+  got = {}
+  handles = [layer.register_forward_hook(
+      lambda mod, inp, out, l=l: got.__setitem__(l, (out[0] if isinstance(out, tuple) else out)[0].numpy()))
+      for l, layer in enumerate(layers)]
+  try:
+    for i, p in enumerate(prompts):
+      noise = np.random.default_rng([seed, i]).standard_normal((IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+      ids = torch.tensor(p.input_ids[None].astype(np.int64))
+      with torch.no_grad():
+        hf(input_ids=ids, pixel_values=nchw(noise[None]))
+      keep = p.input_ids != IMAGE_TOKEN
+      ref_c = np.stack([got[l][keep].mean(0) for l in range(len(layers))])
+      text_ids = p.input_ids[keep]
+      with torch.no_grad():
+        hf(input_ids=torch.tensor(text_ids[None].astype(np.int64)))
+      ref_t = np.stack([got[l].mean(0) for l in range(len(layers))])
+      np.testing.assert_allclose(hc[i], ref_c, rtol=1e-5, atol=1e-5, err_msg=f"corrupted pass, prompt {i}")
+      np.testing.assert_allclose(ht[i], ref_t, rtol=1e-5, atol=1e-5, err_msg=f"text pass, prompt {i}")
+  finally:
+    for h in handles:
+      h.remove()
+  assert not np.allclose(ht, hc, atol=1e-3)                    # the image changes the states being compared
 
 
 def test_layer_mask_and_errors():

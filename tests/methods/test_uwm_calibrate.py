@@ -15,6 +15,10 @@ from vlsafe_jax.methods.uwm import edit
 
 RTOL = 2e-4
 
+# Every test here uses the `hf_clip` fixture (a torch HF model, also the source of the JAX weights), so the whole
+# module needs torch: the mark makes them skip, not error, where the [test] extra is absent.
+pytestmark = pytest.mark.torch
+
 # Odd/prime dims: head dim 5, MLP 23, 3x3 patches of 5 px (10 tokens with CLS), 11 text positions.
 TEXT = dict(vocab_size=53, hidden_size=20, intermediate_size=23, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=11, eos_token_id=52, bos_token_id=51, pad_token_id=0)
@@ -121,7 +125,6 @@ def edited(hf_clip):
   return res
 
 
-@pytest.mark.torch
 def test_scores_match_numpy_reference_on_hf_captures(hf_clip, edited):
   hf, _, _ = hf_clip
   px, ids, mask = _data()
@@ -207,7 +210,6 @@ def test_masked_model_matches_edit_and_alpha_sweep(hf_clip, edited):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.torch
 def test_edited_model_exports_to_hf_and_reloads(hf_clip, edited, tmp_path):
   import torch
   from transformers import CLIPModel
@@ -256,7 +258,6 @@ def _torch_losses(tower, method, e):
   return nce + (1 - cos(*same)).mean()
 
 
-@pytest.mark.torch
 @pytest.mark.parametrize("method,tower", [("g_unsafe", "vision"), ("g_safe_clip", "text")])
 def test_gradient_baselines_match_torch_autograd(hf_clip, method, tower):
   import torch

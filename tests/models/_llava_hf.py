@@ -24,14 +24,19 @@ VISION_KWARGS = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, interm
                      num_attention_heads=4)
 
 
-def build_hf(name: str, directory, seed: int = 0):
-  """Builds the tiny HF LLaVA (seeded, eager attention), saves it to ``directory``; returns the torch model."""
+def build_hf(name: str, directory, seed: int = 0, *, vision_feature_layer=-2,
+             vision_feature_select_strategy: str = "default"):
+  """Builds the tiny HF LLaVA (seeded, eager attention), saves it to ``directory``; returns the torch model.
+
+  The feature-selection keywords are LlavaConfig's (an int or a list of vision layers; "default" drops CLS, "full"
+  keeps it, so "full" prompts need N_IMG + 1 image tokens)."""
   import torch
   import transformers
   text_cls = transformers.LlamaConfig if name == "llama" else transformers.MistralConfig
   cfg = transformers.LlavaConfig(
       vision_config=transformers.CLIPVisionConfig(**VISION_KWARGS), text_config=text_cls(**TEXT_KWARGS[name]),
-      image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
+      image_token_index=IMAGE_TOKEN, vision_feature_layer=vision_feature_layer,
+      vision_feature_select_strategy=vision_feature_select_strategy,
       projector_hidden_act="gelu")
   cfg.vision_config.model_type = "clip_vision_model"
   cfg._attn_implementation = "eager"

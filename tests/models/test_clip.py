@@ -7,6 +7,7 @@ The L/14-shaped case uses the real ViT-L/14 widths, heads and MLP sizes (vision 
 fast on 2 CPU cores; depth and vocabulary size do not change the per-layer code paths.
 """
 import dataclasses
+import zlib
 
 import chex
 import jax
@@ -22,9 +23,11 @@ RTOL = ATOL = 1e-5
 
 # name -> (text kwargs, vision kwargs, projection_dim)
 CASES = {
-    # eos = vocab - 1: "first EOS" pooling; odd/prime sizes (head dim 9, MLP 37, 5x5 patches of 7 px)
+    # eos = 50, in the middle of the vocabulary: "first EOS" pooling. Larger ids occur before the EOS in every row
+    # (see _inputs), so argmax pooling would pick another position and fail the parity; odd/prime sizes (head dim
+    # 9, MLP 37, 5x5 patches of 7 px)
     "odd_first_eos": (dict(vocab_size=99, hidden_size=36, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=13, eos_token_id=98, bos_token_id=97),
+                           num_attention_heads=4, max_position_embeddings=13, eos_token_id=50, bos_token_id=1),
                       dict(image_size=35, patch_size=7, hidden_size=36, intermediate_size=37,
                            num_hidden_layers=2, num_attention_heads=4), 13),
     # eos = 2: legacy argmax pooling; exact-erf GELU; 3x3 patches of 11 px; head dim 6
@@ -47,7 +50,8 @@ def _build_hf(name, tmp_path_factory):
   cfg = CLIPConfig(text_config=CLIPTextConfig(projection_dim=p, **t).to_dict(),
                    vision_config=CLIPVisionConfig(projection_dim=p, **v).to_dict(), projection_dim=p)
   cfg._attn_implementation = "eager"
-  torch.manual_seed(hash(name) % 1000)
+  # crc32, not hash(): str hashes are salted per process (PYTHONHASHSEED), which made the weights differ per run.
+  torch.manual_seed(zlib.crc32(name.encode()) % 1000)
   hf = CLIPModel(cfg).eval()
   with torch.no_grad():   # HF inits LayerNorm to (1, 0) and biases to 0: perturb so they are tested too
     for n, prm in hf.named_parameters():
@@ -65,6 +69,7 @@ def _inputs(name, batch=2):
   length = t["max_position_embeddings"]
   ids = rng.randint(3, t["vocab_size"] - 2, size=(batch, length))
   eos = t["eos_token_id"] if t["eos_token_id"] != 2 else t["vocab_size"] - 1   # argmax rule: EOT = max id
+  ids[ids == eos] += 1                       # the only EOS tokens are the ones placed below
   ids[0, length // 2] = eos
   ids[0, length // 2 + 1:] = eos                                             # padded with EOT, like CLIP
   ids[1, -1] = eos
@@ -178,6 +183,17 @@ def test_text_pool_index_rules():
   np.testing.assert_array_equal(C.text_pool_index(ids, 2), [1, 2])
   np.testing.assert_array_equal(C.text_pool_index(ids, 4), [0, 2])
   np.testing.assert_array_equal(C.text_pool_index(ids, 7), [2, 0])
+
+
+def test_first_eos_case_separates_the_pooling_rules():
+  """The parity tests can only catch argmax-instead-of-first-EOS pooling if the two rules pick different tokens on
+  the "odd_first_eos" inputs: EOS is not the largest id and a larger id precedes it in every row."""
+  t = CASES["odd_first_eos"][0]
+  _, ids = _inputs("odd_first_eos")
+  first_eos = np.argmax(ids == t["eos_token_id"], axis=-1)
+  assert (ids[np.arange(len(ids)), first_eos] == t["eos_token_id"]).all()   # every row has an EOS
+  assert (np.argmax(ids, axis=-1) != first_eos).all()
+  np.testing.assert_array_equal(C.text_pool_index(jnp.asarray(ids), t["eos_token_id"]), first_eos)
 
 
 def test_activations_match_formulas():

@@ -157,6 +157,9 @@ def test_generate_compiles_once_per_bucket_and_checks_image_tokens(llama_pair):
   _, _, model = llama_pair
   rs = np.random.RandomState(4)
   pixels = rs.randn(1, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  # Start from empty jit caches: an earlier test (or a rerun of this one) that generated with these shapes would
+  # otherwise leave the programs compiled, and the counts below would depend on the test order.
+  jax.clear_caches()
   before = dict(decoding.TRACE_COUNTS)
   # Prompt lengths 22 and 27 share the 32 bucket: one embedding trace and one generate trace.
   for n_after in (3, 8):
@@ -182,6 +185,36 @@ def test_feature_layer_list_and_full_strategy_shapes():
   feats = jnp.arange(1.0, 4.0).reshape(1, 3, 1)
   got = LV.scatter_image_features(emb, m, feats)[..., 0]
   np.testing.assert_array_equal(np.asarray(got), [[0, 1, 2], [3, 0, 0]])
+
+
+@pytest.mark.parametrize("layers,strategy", [([0, -1], "default"), (-2, "full"), ([1, -2], "full")],
+                         ids=["list_default", "int_full", "list_full"])
+def test_feature_layer_lists_and_full_strategy_match_hf(tmp_path, layers, strategy):
+  """Vision-feature selection against HF LlavaForConditionalGeneration built with the same rule: a list of layers
+  (index 0 = embeddings, negative indices, channel concatenation in list order, a projector of E x len(list)
+  inputs) and "full" (CLS kept: 17 image tokens per image). Compared: the projected image features (a forward hook
+  on HF's projector) and the logits of a right-padded two-image batch."""
+  hf = build_hf("llama", tmp_path, seed=5, vision_feature_layer=layers, vision_feature_select_strategy=strategy)
+  model = LV.Llava.from_pretrained(tmp_path)
+  n_img = N_IMG + (strategy == "full")
+  rs = np.random.RandomState(12)
+  rows = [[1] + list(rs.randint(3, 100, 3)) + [IMAGE_TOKEN] * n_img + list(rs.randint(3, 100, 4)),
+          [1] + list(rs.randint(3, 100, 6)) + [IMAGE_TOKEN] * n_img + list(rs.randint(3, 100, 2))]
+  pixels = rs.randn(2, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  ids, mask = pad_rows(rows, "right")
+  seen = []
+  handle = hf.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: seen.append(out.numpy()))
+  try:
+    ref = _hf_logits(hf, ids, mask, pixels, positions=False).logits.numpy()
+  finally:
+    handle.remove()
+  feats = np.asarray(model.image_features(jnp.asarray(pixels)))
+  d = model.config.text_config.hidden_size
+  assert len(seen) == 1 and feats.shape == seen[0].shape == (2, n_img, d)
+  np.testing.assert_allclose(feats, seen[0], rtol=RTOL, atol=ATOL)
+  logits, _, _ = model(jnp.asarray(ids), jnp.asarray(pixels), attention_mask_bt=jnp.asarray(mask))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[valid], ref[valid], rtol=RTOL, atol=ATOL)
 
 
 def test_steered_generation_new_tokens_only_matches_hf_hooks(llama_pair):
