@@ -24,15 +24,17 @@ VISION_KWARGS = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, interm
                      num_attention_heads=4)
 
 
-def build_hf(name: str, directory, seed: int = 0):
-  """Builds the tiny HF LLaVA (seeded, eager attention), saves it to ``directory``; returns the torch model."""
+def build_hf(name: str, directory, seed: int = 0, tie_word_embeddings: bool = False):
+  """Builds the tiny HF LLaVA (seeded, eager attention), saves it to ``directory``; returns the torch model.
+
+  ``tie_word_embeddings`` sets the top-level ``LlavaConfig`` flag only (the text config stays untied)."""
   import torch
   import transformers
   text_cls = transformers.LlamaConfig if name == "llama" else transformers.MistralConfig
   cfg = transformers.LlavaConfig(
       vision_config=transformers.CLIPVisionConfig(**VISION_KWARGS), text_config=text_cls(**TEXT_KWARGS[name]),
       image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
-      projector_hidden_act="gelu")
+      projector_hidden_act="gelu", tie_word_embeddings=tie_word_embeddings)
   cfg.vision_config.model_type = "clip_vision_model"
   cfg._attn_implementation = "eager"
   torch.manual_seed(seed)
