@@ -17,7 +17,7 @@ transforms, rank check, every site covered). All problems are collected into one
 Output (``--dst``): the HySAC trainable-state directory of ``methods/hysac/model.py`` (``hysac_trainable.json``
 recording the base path + ``hysac_trainable.safetensors`` with LoRA + scalars), loadable with
 ``vlsafe_jax.methods.hysac.model.load_hysac(dst)``; plus ``bounds.json`` when ``--bounds`` is given (validated, the
-reference's S/U/V/G keys). torch is imported only inside :func:`read_pth`.
+reference's S/U/V/G keys). torch is imported only when :func:`read_pth` runs (``safetensors_io.torch_load``).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoints_convert.mapping import ConversionError
-from checkpoints_convert.safetensors_io import CheckpointFormatError
+from checkpoints_convert.safetensors_io import CheckpointFormatError, check_finite, torch_load
 
 PREFIXES = {"visual": "visual.base_model.model.", "textual": "textual.base_model.model."}
 # What each tower's HF model may contain after its prefix (its own CLIP*ModelWithProjection keys).
@@ -54,14 +54,10 @@ class HySACImportError(ConversionError):
 def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """``torch.load(path, weights_only=True)`` -> ``{key: float32/int numpy}``; unwraps ``{"model": sd}``-style
   containers. Raises :class:`CheckpointFormatError` naming the file."""
-  import torch
   p = Path(path)
   if not p.is_file():
     raise CheckpointFormatError(f"HySAC checkpoint {p} does not exist")
-  try:
-    sd = torch.load(p, map_location="cpu", weights_only=True)
-  except Exception as e:   # pickle / zip errors come in many types; all mean "not a loadable state dict"
-    raise CheckpointFormatError(f"{p}: cannot be read with torch.load(weights_only=True): {e}") from e
+  sd = torch_load(p)
   for wrapper in ("state_dict", "model", "model_state_dict"):
     if isinstance(sd, Mapping) and set(sd) == {wrapper} and isinstance(sd[wrapper], Mapping):
       sd = sd[wrapper]
@@ -72,7 +68,7 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not hasattr(v, "detach"):
       raise CheckpointFormatError(f"{p}: entry {k!r} is a {type(v).__name__}, not a tensor")
     t = v.detach().cpu()
-    out[k] = (t.float() if t.is_floating_point() else t).numpy()
+    out[k] = check_finite((t.float() if t.is_floating_point() else t).numpy(), p, k)
   return out
 
 

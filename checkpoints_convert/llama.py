@@ -160,7 +160,8 @@ def export_llama_tensors(state: nnx.State, dtype: Any = None, keymap: KeyMap = L
 def read_config(directory: str | os.PathLike):
   """``LlamaConfig`` from ``directory/config.json`` (plain causal LM, or a LLaVA config's ``text_config``)."""
   from vlsafe_jax.models.llama import LlamaConfig
-  return parse_config(directory, lambda d: LlamaConfig.from_hf(d.get("text_config", d)), "decoder")
+  return parse_config(directory, lambda d: (LlamaConfig.from_hf(d["text_config"], where="text_config")
+                                            if "text_config" in d else LlamaConfig.from_hf(d)), "decoder")
 
 
 def abstract_llama(config, *, dtype=jnp.float32, param_dtype=jnp.float32):

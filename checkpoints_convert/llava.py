@@ -17,10 +17,12 @@ A *converted directory* holds ``config.json`` (HF LLaVA config), ``vlsafe_jax.js
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,25 @@ def abstract_llava(config, *, dtype=jnp.float32, param_dtype=jnp.float32):
   return nnx.split(model)
 
 
+HEAD_KEY, EMBED_KEY = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+
+
+def resolve_tied_head(config, source: NormalisedSource, source_name: str):
+  """``config`` with tying as transformers 5 resolves it for these tensors (``PreTrainedModel.tie_weights`` during
+  ``from_pretrained``): a tied config whose file also stores an ``lm_head`` different from the embeddings is NOT
+  tied (transformers warns and keeps the stored head); an identical stored copy is dropped (``_TIED_KEYMAP``).
+  Reads the two (V, D) matrices only when the config says tied and both are stored."""
+  t = config.text_config
+  shapes = source.shapes()
+  if not t.tie_word_embeddings or HEAD_KEY not in shapes or EMBED_KEY not in shapes:
+    return config
+  if np.array_equal(source.get(HEAD_KEY), source.get(EMBED_KEY)):
+    return config
+  warnings.warn(f"{source_name}: config.json ties the word embeddings, but the checkpoint stores an lm_head that "
+                f"differs from them; loading it untied, as transformers does", stacklevel=2)
+  return dataclasses.replace(config, text_config=dataclasses.replace(t, tie_word_embeddings=False))
+
+
 def load_llava_state(source, abstract_state: nnx.State, config, *, source_name: str, param_dtype: Any = None,
                      shardings: nnx.State | None = None, progress=None) -> nnx.State:
   """Fills an abstract ``Llava`` state from an HF tensor source (any accepted naming); one ConversionError."""
@@ -180,14 +201,19 @@ def load_llava(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype
   """
   d = Path(path)
   config = config or read_config(d)
+  converted = is_converted(d)
+  source = None if converted else open_hf_weights(d)
+  if source is not None:
+    # Decided before the abstract model is built: whether the model has an lm_head depends on it.
+    config = resolve_tied_head(config, NormalisedSource(source), str(d))
   graphdef, abs_state = abstract_llava(config, dtype=dtype,
                                        param_dtype=param_dtype if param_dtype is not None else jnp.float32)
   shardings = placement(abs_state, mesh)
-  if is_converted(d):
+  if converted:
     state = load_state(IDENTITY_KEYMAP, converted_weights(d, FLAX_WEIGHTS), abs_state, source_name=str(d),
                        param_dtype=param_dtype, shardings=shardings, progress=progress)
   else:
-    state = load_llava_state(open_hf_weights(d), abs_state, config, source_name=str(d), param_dtype=param_dtype,
+    state = load_llava_state(source, abs_state, config, source_name=str(d), param_dtype=param_dtype,
                              shardings=shardings, progress=progress)
   return nnx.merge(graphdef, state)
 
@@ -288,6 +314,6 @@ def export_cli(src: str, dst: str, dtype: str | None = None, vision_naming: str 
   return export_hf(load_llava(src), dst, dtype=dtype_from_name(dtype), vision_naming=vision_naming, src=src)
 
 
-__all__ = ["LLAVA_RULES", "LLAVA_KEYMAP", "canonical_key", "NormalisedSource", "load_llava", "load_llava_state",
-           "save_converted", "export_hf", "export_hf_tensors", "is_converted", "abstract_llava", "read_config",
-           "convert_cli", "export_cli"]
+__all__ = ["LLAVA_RULES", "LLAVA_KEYMAP", "canonical_key", "NormalisedSource", "resolve_tied_head", "load_llava",
+           "load_llava_state", "save_converted", "export_hf", "export_hf_tensors", "is_converted", "abstract_llava",
+           "read_config", "convert_cli", "export_cli"]

@@ -7,13 +7,17 @@ tensors are read one at a time so a 7B checkpoint never sits in host RAM at once
     parsed directly (8-byte little-endian header length, JSON header, raw bytes memory-mapped), which keeps
     bf16/fp16 (as ``ml_dtypes.bfloat16`` / ``np.float16``) - ``safetensors.numpy`` fails on BF16;
   * ``pytorch_model.bin``: only through ``torch.load(weights_only=True)`` and only when torch is installed.
+
+Every source's ``get`` refuses a floating tensor holding NaN/Inf (:func:`check_finite`), naming file and tensor.
 """
 from __future__ import annotations
 
 import json
 import mmap
 import os
+import re
 import struct
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -43,6 +47,23 @@ class CheckpointFormatError(ValueError):
   """A checkpoint file is missing, truncated or malformed; the message names the file."""
 
 
+def check_finite(arr: np.ndarray, file: str | os.PathLike, key: str) -> np.ndarray:
+  """``arr`` unchanged, or a :class:`CheckpointFormatError` naming ``file`` and tensor ``key`` if a floating tensor
+  holds NaN/Inf: a diverged or corrupted checkpoint would otherwise load silently and only surface as NaN
+  outputs far from their cause."""
+  if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
+    return arr
+  finite = np.isfinite(arr)
+  if finite.all():
+    return arr
+  n_nan = int(np.isnan(arr).sum())
+  first = tuple(int(i) for i in np.argwhere(~finite)[0])
+  raise CheckpointFormatError(
+      f"{file}: tensor {key!r} (shape {tuple(arr.shape)}, {arr.dtype.name}) holds {n_nan} NaN and "
+      f"{int((~finite).sum()) - n_nan} Inf values (first at index {first}); the checkpoint is corrupt or was saved "
+      f"from a diverged run")
+
+
 # Marker file of every converted (Flax-layout) directory: {"format": "vlsafe_jax.<family>", ...}.
 MARKER = "vlsafe_jax.json"
 
@@ -52,16 +73,34 @@ def parse_config(directory: str | os.PathLike, parse, what: str):
 
   Args:
     directory: checkpoint directory.
-    parse: e.g. ``CLIPConfig.from_hf``; its ``TypeError``/``ValueError`` are reported with the file name.
+    parse: e.g. ``CLIPConfig.from_hf``; what it raises for a bad field is reported with the file name.
     what: the architecture being built, for the message ("CLIP", "LLaVA", ...).
   """
   cfg_path = Path(directory) / "config.json"
   if not cfg_path.exists():
     raise CheckpointFormatError(f"{directory}: no config.json (needed to build the {what} architecture)")
+  d = read_json_object(cfg_path)
   try:
-    return parse(json.loads(cfg_path.read_text()))
-  except (json.JSONDecodeError, TypeError, ValueError) as e:
-    raise CheckpointFormatError(f"{cfg_path}: {e}") from e
+    return parse(d)
+  # Whatever a wrong-typed or impossible field makes the parser raise, the file is what the user must fix.
+  except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:
+    raise CheckpointFormatError(f"{cfg_path}: cannot build the {what} architecture from it: {e}") from e
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+  """``path`` parsed as a JSON object; invalid JSON (with line and column) or another top-level type raises
+  :class:`CheckpointFormatError` naming the file."""
+  path = Path(path)
+  try:
+    d = json.loads(path.read_bytes())
+  except json.JSONDecodeError as e:
+    raise CheckpointFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+  except (OSError, UnicodeDecodeError) as e:
+    raise CheckpointFormatError(f"{path}: cannot be read ({e})") from e
+  if not isinstance(d, dict):
+    raise CheckpointFormatError(f"{path}: expected a JSON object (key -> value) at the top level, got "
+                                f"{type(d).__name__}")
+  return d
 
 
 def has_format(directory: str | os.PathLike, fmt: str) -> bool:
@@ -109,7 +148,7 @@ class SafetensorsFile:
     return {k: (tuple(e["shape"]), DTYPES[e["dtype"]].name) for k, e in self._entries.items()}
 
   def get(self, key: str) -> np.ndarray:
-    """The tensor as a numpy array (a copy, so the file can be closed)."""
+    """The tensor as a numpy array (a copy, so the file can be closed); NaN/Inf raise naming file and key."""
     if key not in self._entries:
       raise KeyError(f"{self.path}: no tensor {key!r}")
     e = self._entries[key]
@@ -121,7 +160,7 @@ class SafetensorsFile:
         self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self._size else b""
     dt = DTYPES[e["dtype"]]
     arr = np.frombuffer(self._mm, dtype=dt, count=(end - begin) // dt.itemsize, offset=self._data_start + begin)
-    return arr.reshape(e["shape"]).copy()
+    return check_finite(arr.reshape(e["shape"]).copy(), self.path, key)
 
 
 class ShardedSafetensors:
@@ -152,27 +191,53 @@ class ShardedSafetensors:
     return self._files[self._where[key]].get(key)
 
 
+def _unpickler_reason(e: Exception) -> str:
+  """The useful clause of a torch.load error (its weights_only message is a page of advice around one line)."""
+  msg = str(e)
+  m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", msg, re.S)
+  line = (m.group(1) if m else (msg.splitlines() or [""])[0]).strip()
+  return f"{type(e).__name__}: {line.split('. ')[0]}" if line else type(e).__name__
+
+
+def torch_load(path: str | os.PathLike):
+  """``torch.load(path, weights_only=True)`` on CPU (memory-mapped for zip-format files; legacy pre-1.6 pickles
+  cannot be mapped). Raises :class:`CheckpointFormatError` naming the file for anything unreadable: not a torch
+  file, truncated, or a pickle of arbitrary objects, which ``weights_only`` refuses to execute."""
+  try:
+    import torch
+  except ImportError as e:
+    raise CheckpointFormatError(
+        f"{path}: reading a PyTorch pickle needs torch (pip install torch==2.13.0); convert the checkpoint to "
+        f"safetensors elsewhere or install the [torch] extra") from e
+  path = Path(path)
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+  except Exception as e:  # noqa: BLE001 - pickle, zip and legacy-format errors come in many types
+    raise CheckpointFormatError(
+        f"{path}: cannot be read with torch.load(weights_only=True) ({_unpickler_reason(e)}); only tensors and "
+        f"plain containers of them are read from PyTorch pickles, never arbitrary objects") from e
+
+
 class TorchBin:
   """``pytorch_model.bin`` via ``torch.load(weights_only=True)`` (needs torch; never executes pickled code)."""
 
   def __init__(self, path: str | os.PathLike):
-    try:
-      import torch
-    except ImportError as e:
-      raise CheckpointFormatError(
-          f"{path}: reading pytorch_model.bin needs torch (pip install torch==2.13.0); convert the checkpoint "
-          f"to safetensors elsewhere or install the [torch] extra") from e
     self.path = Path(path)
-    sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+    sd = torch_load(self.path)       # raises the named error when torch is missing
+    import torch
     if not isinstance(sd, Mapping):
-      raise CheckpointFormatError(f"{path}: expected a state dict, got {type(sd).__name__}")
+      raise CheckpointFormatError(f"{path}: expected a state dict (tensor name -> tensor), got {type(sd).__name__}")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+      raise CheckpointFormatError(f"{path}: not a state dict of tensors; {len(bad)} non-tensor entries: "
+                                  f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
     self._sd = sd
 
   def shapes(self):
     return {k: (tuple(v.shape), _torch_np_dtype(v.dtype).name) for k, v in self._sd.items()}
 
   def get(self, key):
-    return torch_to_numpy(self._sd[key])
+    return check_finite(torch_to_numpy(self._sd[key]), self.path, key)
 
 
 def _torch_np_dtype(dt) -> np.dtype:
@@ -239,5 +304,5 @@ def save_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.nd
   os.replace(tmp, path)
 
 
-__all__ = ["DTYPES", "CheckpointFormatError", "SafetensorsFile", "ShardedSafetensors", "TorchBin",
-           "open_hf_weights", "save_safetensors", "torch_to_numpy"]
+__all__ = ["DTYPES", "CheckpointFormatError", "check_finite", "SafetensorsFile", "ShardedSafetensors", "TorchBin",
+           "torch_load", "open_hf_weights", "parse_config", "read_json_object", "save_safetensors", "torch_to_numpy"]

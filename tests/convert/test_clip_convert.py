@@ -2,6 +2,7 @@
 
 Parity tolerance where embeddings are compared: rtol = atol = 1e-5 (float32, highest matmul precision).
 """
+import fractions
 import json
 import sys
 
@@ -143,6 +144,103 @@ def test_half_precision_weights_load_without_torch(hf_dir, tmp_path, monkeypatch
   np.testing.assert_array_equal(k.astype(np.float32), want)
   cast = CC.load_clip(tmp_path / tdtype, param_dtype=jnp.float32)
   assert _params(cast)["logit_scale"].dtype == np.float32
+
+
+BAD_KEY = "text_model.encoder.layers.1.mlp.fc1.weight"
+
+
+def _good_tensors(src):
+  f = SafetensorsFile(src / "model.safetensors")
+  return {k: f.get(k) for k in f.shapes()}
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded_bf16", "pytorch_bin", "converted"])
+def test_nonfinite_weight_is_named_at_load(hf_dir, tmp_path, layout):
+  """One NaN (or Inf) in one tensor: the loader names the file holding it and the tensor, whatever the layout."""
+  import torch
+  _, src = hf_dir
+  t = _good_tensors(src)
+  bad = t[BAD_KEY].copy()
+  bad[2, 3] = np.nan if layout != "sharded_bf16" else np.inf
+  d = tmp_path / layout
+  _copy_config(src, d)
+  if layout == "safetensors":
+    save_safetensors(d / "model.safetensors", {**t, BAD_KEY: bad})
+    where, what = d / "model.safetensors", "1 NaN and 0 Inf"
+  elif layout == "sharded_bf16":
+    t = {k: v.astype(ml_dtypes.bfloat16) for k, v in {**t, BAD_KEY: bad}.items()}
+    keys = sorted(t)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+      save_safetensors(d / name, {k: t[k] for k in ks})
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    where = d / next(name for name, ks in shards.items() if BAD_KEY in ks)
+    what = "0 NaN and 1 Inf"
+  elif layout == "pytorch_bin":
+    torch.save({k: torch.from_numpy(v) for k, v in {**t, BAD_KEY: bad}.items()}, d / "pytorch_model.bin")
+    where, what = d / "pytorch_model.bin", "1 NaN and 0 Inf"
+  else:                    # a converted directory: flax_model.safetensors under nnx names
+    CC.convert_cli(str(src), str(d))
+    conv = SafetensorsFile(d / CC.FLAX_WEIGHTS)
+    tensors = {k: conv.get(k) for k in conv.shapes()}
+    key = "text_model.encoder.layers.1.mlp.fc1.kernel"
+    tensors[key] = bad.T.copy()
+    save_safetensors(d / CC.FLAX_WEIGHTS, tensors)
+    where, what = d / CC.FLAX_WEIGHTS, "1 NaN and 0 Inf"
+  name = "text_model.encoder.layers.1.mlp.fc1.kernel" if layout == "converted" else BAD_KEY
+  with pytest.raises(CheckpointFormatError) as info:
+    CC.load_clip(d)
+  msg = str(info.value)
+  assert msg.startswith(f"{where}: tensor {name!r}"), msg
+  assert what in msg and ("(3, 2)" if layout == "converted" else "(2, 3)") in msg, msg
+
+
+def test_malformed_config_json_is_one_named_error(hf_dir, tmp_path):
+  """Not JSON, not an object, a sub-config of the wrong type, an impossible value: each one error naming
+  config.json (and the key where there is one), never a raw JSONDecodeError / AttributeError /
+  ZeroDivisionError from inside the parser."""
+  _, src = hf_dir
+  good = json.loads((src / "config.json").read_text())
+  cases = {
+      "truncated": ((src / "config.json").read_text()[:40], r"config\.json: not valid JSON \(line \d+, column"),
+      "list": ("[1, 2]", r"config\.json: expected a JSON object .*got list"),
+      "text_str": (json.dumps({**good, "text_config": "oops"}), r"config\.json: .*text_config.* str"),
+      "heads0": (json.dumps({**good, "text_config": {**good["text_config"], "num_attention_heads": 0}}),
+                 r"config\.json: .*num_attention_heads"),
+      "width_str": (json.dumps({**good, "vision_config": {**good["vision_config"], "hidden_size": "20"}}),
+                    r"config\.json: .*vision_config\.hidden_size must be an int, got str"),
+      "proj_none": (json.dumps({**good, "projection_dim": None}), r"config\.json: .*config\.projection_dim must be"),
+  }
+  for name, (text, pattern) in cases.items():
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(text)
+    with pytest.raises(CheckpointFormatError, match=pattern) as info:
+      CC.load_clip(d)
+    assert str(d / "config.json") in str(info.value), name
+
+
+def test_non_tensor_pickle_in_bin_is_one_named_error(hf_dir, tmp_path):
+  """pytorch_model.bin holding non-tensors (a list; a dict with a string; a pickled object weights_only refuses;
+  random bytes): one CheckpointFormatError naming the file, never a raw AttributeError / UnpicklingError."""
+  import torch
+  _, src = hf_dir
+  cases = {
+      "list": (lambda p: torch.save([1, 2], p), r"expected a state dict .*got list"),
+      "str_entry": (lambda p: torch.save({"text_model.x": "abc", "w": torch.ones(2)}, p),
+                    r"not a state dict of tensors; 1 non-tensor entries: 'text_model\.x' \(str\)"),
+      "object": (lambda p: torch.save({"w": torch.ones(2), "x": fractions.Fraction(1, 3)}, p),
+                 r"cannot be read with torch\.load\(weights_only=True\) \(UnpicklingError: .*(global|GLOBAL)"),
+      "garbage": (lambda p: p.write_bytes(b"this is not a pickle"), r"cannot be read with torch\.load"),
+  }
+  for name, (write, pattern) in cases.items():
+    d = tmp_path / name
+    _copy_config(src, d)
+    write(d / "pytorch_model.bin")
+    with pytest.raises(CheckpointFormatError, match=pattern) as info:
+      CC.load_clip(d)
+    assert str(info.value).startswith(f"{d / 'pytorch_model.bin'}: "), (name, str(info.value))
 
 
 def test_convert_export_round_trip_is_bit_exact_and_loads_in_transformers(hf_dir, tmp_path):

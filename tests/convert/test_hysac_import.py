@@ -162,3 +162,25 @@ def test_renamed_and_unknown_keys_fail_together(released, tmp_path):
   torch.save(sd3, tmp_path / "bad3.pth")
   with pytest.raises(HySACImportError, match="differs from the --base CLIP"):
     convert(tmp_path / "bad3.pth", base, tmp_path / "out")
+
+
+def test_nonfinite_or_non_tensor_pth_is_one_named_error(released, tmp_path):
+  """A NaN in one LoRA matrix, or a pickled object weights_only refuses: one CheckpointFormatError naming the .pth
+  (and the tensor), before anything is converted."""
+  import fractions
+
+  import torch
+
+  from checkpoints_convert.safetensors_io import CheckpointFormatError
+  _, base, sd, _ = released
+  key = "visual.base_model.model.vision_model.encoder.layers.0.mlp.fc1.lora_B.default.weight"
+  nan = dict(sd)
+  nan[key] = sd[key].clone()
+  nan[key][1, 2] = float("nan")
+  torch.save(nan, tmp_path / "nan.pth")
+  with pytest.raises(CheckpointFormatError, match=rf"nan\.pth: tensor '{key}' .*1 NaN and 0 Inf"):
+    convert(tmp_path / "nan.pth", base, tmp_path / "out")
+  torch.save({**sd, "note": fractions.Fraction(1, 3)}, tmp_path / "obj.pth")
+  with pytest.raises(CheckpointFormatError, match=r"obj\.pth: cannot be read with torch\.load\(weights_only=True\)"):
+    convert(tmp_path / "obj.pth", base, tmp_path / "out")
+  assert not (tmp_path / "out").exists()

@@ -143,6 +143,66 @@ def test_export_round_trip_bit_exact_and_hf_reload(hf_dir, tmp_path):
   np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-5, atol=1e-5)
 
 
+def _logits_vs_hf(model, hf):
+  import torch
+  rs = np.random.RandomState(1)
+  ids, _ = pad_rows([prompt(rs, 3, 4, True)], "left")
+  pixels = rs.randn(1, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(ids), pixel_values=nchw(pixels)).logits.numpy()
+  logits, _, _ = model(jnp.asarray(ids), jnp.asarray(pixels))
+  np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_top_level_tie_loads_like_transformers(tmp_path):
+  """``LlavaConfig(tie_word_embeddings=True)`` over an untied text_config: transformers 5 ties (the top-level flag
+  wins, ``LlavaConfig.__post_init__`` ORs the two) and saves no lm_head. Oracle: HF's own logits (fp32, 1e-5).
+  A stored head that differs from the embeddings is kept untied, as transformers' ``tie_weights`` does."""
+  import transformers
+  src = tmp_path / "tied"
+  hf = build_hf("llama", src, seed=4, tie_word_embeddings=True)
+  cfg = json.loads((src / "config.json").read_text())
+  assert cfg["tie_word_embeddings"] is True and not cfg["text_config"].get("tie_word_embeddings")
+  t = _tensors(src / "model.safetensors")
+  assert not [k for k in t if "lm_head" in k]
+  model = LV.Llava.from_pretrained(src)
+  assert model.config.text_config.tie_word_embeddings
+  _logits_vs_hf(model, hf)
+  # A stored copy equal to the embeddings is the tied matrix: still tied.
+  same = _variant(tmp_path, src, "same", {**t, "language_model.lm_head.weight": t[C.EMBED_KEY]})
+  assert LV.Llava.from_pretrained(same).config.text_config.tie_word_embeddings
+  # A different stored head: untied on both sides.
+  head = np.random.RandomState(5).randn(*t[C.EMBED_KEY].shape).astype(np.float32)
+  d = _variant(tmp_path, src, "head", {**t, "language_model.lm_head.weight": head})
+  with pytest.warns(UserWarning, match="differs"):
+    untied = LV.Llava.from_pretrained(d)
+  hf2 = transformers.LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval()
+  assert hf2.lm_head.weight.data_ptr() != hf2.model.language_model.embed_tokens.weight.data_ptr()
+  assert not untied.config.text_config.tie_word_embeddings
+  _logits_vs_hf(untied, hf2)
+
+
+def test_malformed_llava_config_json_is_one_named_error(hf_dir, tmp_path):
+  """Each malformed LLaVA config.json gives one CheckpointFormatError naming the file and the key."""
+  from checkpoints_convert.safetensors_io import CheckpointFormatError
+  good = json.loads((hf_dir / "config.json").read_text())
+  cases = {
+      "text_list": ({**good, "text_config": [1]}, r"text_config must be a JSON object .*got list"),
+      "token_str": ({**good, "image_token_index": "127"}, r"config\.image_token_index must be an int, got str"),
+      "heads0": ({**good, "text_config": {**good["text_config"], "num_attention_heads": 0}},
+                 r"num_attention_heads must be a positive integer, got 0"),
+      "vision_eps": ({**good, "vision_config": {**good["vision_config"], "layer_norm_eps": "1e-5"}},
+                     r"vision_config\.layer_norm_eps must be a float, got str"),
+  }
+  for name, (cfg, pattern) in cases.items():
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointFormatError, match=pattern) as info:
+      LV.Llava.from_pretrained(d)
+    assert str(info.value).startswith(f"{d / 'config.json'}: "), (name, str(info.value))
+
+
 def test_cli_llava_and_llava_export(hf_dir, tmp_path):
   ref = LV.Llava.from_pretrained(hf_dir)
   cli.main(["llava", "--src", str(hf_dir), "--dst", str(tmp_path / "conv")])

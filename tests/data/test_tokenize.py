@@ -131,6 +131,31 @@ def test_load_tokenizer_round_trip(tok, tmp_path):
   np.testing.assert_array_equal(T.tokenize(loaded, STRINGS)["input_ids"], T.tokenize(tok, STRINGS)["input_ids"])
 
 
+def test_malformed_tokenizer_files_are_named(tok, tmp_path):
+  """Invalid JSON, a non-object, a tokenizer.json the tokenizers library rejects, a broken tokenizer_config.json:
+  one ValueError that starts with the faulty file's path (transformers alone raises a bare JSONDecodeError or a
+  Rust "Model missing." that names no file)."""
+  tok.save_pretrained(tmp_path / "good")
+  good = json.loads((tmp_path / "good" / "tokenizer.json").read_text())
+  no_model = {k: v for k, v in good.items() if k != "model"}
+  cases = {
+      "truncated": ("tokenizer.json", json.dumps(good)[:200], r"not valid JSON \(line 1, column \d+"),
+      "empty": ("tokenizer.json", "", r"not valid JSON \(line 1, column 1"),
+      "list": ("tokenizer.json", "[1, 2]", "expected a JSON object at the top level, got list"),
+      "no_model": ("tokenizer.json", json.dumps(no_model), r"not a valid tokenizers file \(Model missing"),
+      "config": ("tokenizer_config.json", "{", "not valid JSON"),
+  }
+  for name, (fname, text, pattern) in cases.items():
+    d = tmp_path / name
+    d.mkdir()
+    for f in (tmp_path / "good").iterdir():
+      (d / f.name).write_bytes(f.read_bytes())
+    (d / fname).write_text(text)
+    with pytest.raises(ValueError, match=pattern) as info:
+      T.load_tokenizer(d)
+    assert str(info.value).startswith(f"{d / fname}: "), (name, str(info.value))
+
+
 def test_errors(tok, tmp_path):
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match=r"no tokenizer files in .*" + tmp_path.name + r".*tokenizer\.json"):

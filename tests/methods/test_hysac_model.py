@@ -1,5 +1,6 @@
 """HySAC model: trainable set, L/14 LoRA count, float32 lifting with clamped scalars, root distance, scores,
 trainable-state files (hysac.md §2, §4.2, §7)."""
+import re
 import sys
 from pathlib import Path
 
@@ -135,6 +136,16 @@ def test_trainable_save_load_roundtrip_and_errors(tmp_path):
     H.load_trainable(m3, tmp_path / "t")
   with pytest.raises(FileNotFoundError, match="hysac_trainable"):
     H.load_trainable(m3, tmp_path)
+  # One NaN in the saved state (a diverged run): the error names the file and the tensor.
+  from safetensors.numpy import load_file, save_file
+  path = tmp_path / "t" / H.TRAINABLE_FILE
+  tensors = load_file(str(path))
+  key = sorted(k for k in tensors if k.endswith("lora_b"))[0]
+  tensors[key] = tensors[key].copy()
+  tensors[key][0, 0] = np.nan
+  save_file(tensors, str(path), metadata={"format": H.TRAINABLE_FORMAT})
+  with pytest.raises(ValueError, match=rf"{H.TRAINABLE_FILE}: (.|\n)*{re.escape(key)}: 1 NaN/Inf"):
+    H.load_trainable(m2, tmp_path / "t")
 
 
 def test_single_tower_clip_rejected():

@@ -25,11 +25,12 @@ VISION_KWARGS = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, interm
 
 
 def build_hf(name: str, directory, seed: int = 0, *, vision_feature_layer=-2,
-             vision_feature_select_strategy: str = "default"):
+             vision_feature_select_strategy: str = "default", tie_word_embeddings: bool = False):
   """Builds the tiny HF LLaVA (seeded, eager attention), saves it to ``directory``; returns the torch model.
 
   The feature-selection keywords are LlavaConfig's (an int or a list of vision layers; "default" drops CLS, "full"
-  keeps it, so "full" prompts need N_IMG + 1 image tokens)."""
+  keeps it, so "full" prompts need N_IMG + 1 image tokens). ``tie_word_embeddings`` sets the top-level
+  ``LlavaConfig`` flag only (the text config stays untied)."""
   import torch
   import transformers
   text_cls = transformers.LlamaConfig if name == "llama" else transformers.MistralConfig
@@ -37,7 +38,7 @@ def build_hf(name: str, directory, seed: int = 0, *, vision_feature_layer=-2,
       vision_config=transformers.CLIPVisionConfig(**VISION_KWARGS), text_config=text_cls(**TEXT_KWARGS[name]),
       image_token_index=IMAGE_TOKEN, vision_feature_layer=vision_feature_layer,
       vision_feature_select_strategy=vision_feature_select_strategy,
-      projector_hidden_act="gelu")
+      projector_hidden_act="gelu", tie_word_embeddings=tie_word_embeddings)
   cfg.vision_config.model_type = "clip_vision_model"
   cfg._attn_implementation = "eager"
   torch.manual_seed(seed)

@@ -231,6 +231,16 @@ def test_save_load_lora(tmp_path):
     L.load_lora(wrong, tmp_path / "lora.safetensors")
   with pytest.raises(FileNotFoundError, match="nope.safetensors"):
     L.load_lora(other, tmp_path / "nope.safetensors")
+  # One Inf in a saved LoRA matrix: the error names the file and the tensor.
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+  with safe_open(tmp_path / "lora.safetensors", framework="numpy") as f:
+    meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+  key = sorted(tensors)[-1]
+  tensors[key][0, 0] = np.inf
+  save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+  with pytest.raises(ValueError, match=rf"bad\.safetensors: (.|\n)*{re.escape(key)}: 1 NaN/Inf"):
+    L.load_lora(other, tmp_path / "bad.safetensors")
 
 
 def test_targets_and_errors():

@@ -6,7 +6,8 @@
 * the 8-device sharded step (data 2 x FSDP 2 x model 2) with 2 accumulated micro-batches equals the single-device step on
   one micro-batch (metrics rtol = atol = 1e-5; the SGD update, i.e. the gradient, per leaf 1e-4 of its scale);
 * ``python -m vlsafe_jax.train --config configs/tga_synthetic.py:smoke`` on 8 simulated devices: the loss goes
-  down, a killed run resumes from its checkpoint and finishes.
+  down; a killed and resumed run ends bit-identical (parameters, metrics.jsonl) to an uninterrupted one; the
+  logged rho and decay weights equal tga.md's schedule, re-derived here from the spec.
 """
 import json
 from pathlib import Path
@@ -165,22 +166,72 @@ def test_sharded_accumulated_step_equals_single_device(tiny, monkeypatch):
     assert np.abs(g8 - g1).max() <= tol, (jax.tree_util.keystr(path), np.abs(g8 - g1).max(), tol)
 
 
-def test_smoke_run_reduces_loss_and_resumes(tmp_path):
+CONFIG = str(Path(__file__).parents[2] / "configs" / "tga_synthetic.py") + ":smoke"
+STEPS = 8                   # a power of 2: rho = k / STEPS is exact in float32, so it is compared with ==
+TIMING = ("examples_per_s", "examples_per_s_per_device", "mfu")
+
+
+def _smoke_cfg(base_dir, *extra):
   from vlsafe_jax import config as config_lib
+  return config_lib.load(CONFIG, ["variants=('tga',)", "stages=('finetune',)", "evaluate=False",
+                                  f"tga.finetune.steps={STEPS}", "tga.finetune.optim.lr=0.003",
+                                  f"data.base_dir={base_dir}", "train.log_every=1", "train.checkpoint_every=2",
+                                  *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke_base(tmp_path_factory):
+  """An untrained smoke-sized base saved where the trainer caches its base, so no run pays for base training."""
+  cfg = _smoke_cfg("unused")
+  tok = tga_synthetic.tokenizer()
+  mcfg = synthetic_vlm.llava_config(tok, image_size=cfg.data.image_size, **dict(cfg.model.dims))
+  d = tmp_path_factory.mktemp("tga_base")
+  synthetic_vlm.save(Llava(mcfg, rngs=nnx.Rngs(0)), tok, d, {"kind": "test_untrained_base"})
+  return d
+
+
+def _records(work):
+  rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in rows if r.get("stage") == "tga_finetune"]
+
+
+def _final_params(work):
+  from checkpoints_convert.safetensors_io import SafetensorsFile
+  f = SafetensorsFile(work / "final" / "tga" / "flax_model.safetensors")
+  return {k: f.get(k) for k in f.shapes()}
+
+
+def test_smoke_run_reduces_loss_and_killed_run_resumes_bit_identically(smoke_base, tmp_path):
+  """python -m vlsafe_jax.train --config configs/tga_synthetic.py:smoke (8 simulated devices, 2 accumulated
+  micro-batches). A run killed after step 3 (``max_steps_this_run``; latest checkpoint 2, so step 3 is redone
+  from the restored data position) and re-run ends with bit-identical parameters and the same metrics.jsonl
+  records (timings aside) as an uninterrupted run: same XLA program, same restored state and data, on CPU."""
   from vlsafe_jax.train import common
-  overrides = ["variants=('tga',)", "stages=('finetune',)", "evaluate=False", "tga.finetune.steps=12",
-               "tga.finetune.optim.lr=0.003", "train.max_steps_this_run=6"]
-  cfg = config_lib.load(str(Path(__file__).parents[2] / "configs" / "tga_synthetic.py") + ":smoke", overrides)
-  work = tmp_path / "run"
+  T.run(_smoke_cfg(smoke_base), tmp_path / "full")
   with pytest.raises(common.StopAfterSteps):
-    T.run(cfg, work)
-  ckpts = sorted(p.name for p in (work / "checkpoints" / "tga_finetune").iterdir() if p.name.isdigit())
-  assert ckpts[-1] == "6"
-  T.run(cfg, work)                                   # resumes at 6 and finishes
-  recs = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
-  recs = [r for r in recs if r.get("stage") == "tga_finetune"]
-  steps = [r["step"] for r in recs]
-  assert steps == sorted(set(steps)) and steps[-1] == 12
-  assert recs[-1]["ce"] < recs[0]["ce"] - 0.3, [r["ce"] for r in recs]
-  assert all(k in recs[0] for k in ("align", "pairwise", "rho", "cos_vc_l1", "cos_rc_l2", "lr", "token_acc"))
-  assert recs[-1]["rho"] > recs[0]["rho"]
+    T.run(_smoke_cfg(smoke_base, "train.max_steps_this_run=3"), tmp_path / "killed")
+  ckpts = sorted(int(p.name) for p in (tmp_path / "killed/checkpoints/tga_finetune").iterdir() if p.name.isdigit())
+  assert ckpts[-1] == 2
+  T.run(_smoke_cfg(smoke_base), tmp_path / "killed")
+  full, resumed = _records(tmp_path / "full"), _records(tmp_path / "killed")
+  assert [r["step"] for r in full] == list(range(1, STEPS + 1))
+  assert resumed == full
+  a, b = _final_params(tmp_path / "full"), _final_params(tmp_path / "killed")
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert full[-1]["ce"] < full[0]["ce"] - 0.3, [r["ce"] for r in full]
+  assert all(k in full[0] for k in ("align", "pairwise", "rho", "cos_vc_l1", "cos_rc_l2", "lr", "token_acc"))
+  # tga.md §4: rho = global_step / max_steps, global_step = updates completed before this one, so the record of
+  # step s has rho = (s - 1) / STEPS; L_al's weight is w_al (1 - rho)^1 and L_pw's w_pw (1 - rho)^2 (tga.md §4.2
+  # defaults 1/4 and 1/10). Written from the spec, in float64.
+  w_al, w_pw = 0.25, 0.1
+  for r in full:
+    rho = (r["step"] - 1) / STEPS
+    assert r["rho"] == rho, (r["step"], r["rho"])
+    assert r["w_align"] == w_al * (1 - rho), (r["step"], r["w_align"])      # exact: a power-of-2 scaling of k/8
+    # float32 (0.1 is not representable; the product rounds once): within 4 float32 ulps.
+    np.testing.assert_allclose(r["w_pairwise"], w_pw * (1 - rho) ** 2, rtol=4 * 2.0 ** -24, atol=0)
+    # The logged terms are those weights times the logged raw sums (means over 2 micro-batches: rounding only).
+    np.testing.assert_allclose(r["align"], r["w_align"] * r["align_raw"], rtol=1e-6)
+    np.testing.assert_allclose(r["pairwise"], r["w_pairwise"] * r["pairwise_raw"], rtol=1e-6)

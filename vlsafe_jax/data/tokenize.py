@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +45,8 @@ def load_tokenizer(ckpt_dir: str | os.PathLike, **kwargs: Any):
   Raises:
     FileNotFoundError: the directory does not exist or has none of the expected tokenizer files (the message
       names the directory and the files looked for).
-    ValueError: the files exist but transformers cannot load them.
+    ValueError: the files exist but transformers cannot load them; a malformed file (invalid JSON, wrong top-level
+      type, a tokenizer.json the tokenizers library rejects) is named with the reason.
   """
   d = Path(ckpt_dir)
   if not d.is_dir():
@@ -66,8 +68,38 @@ def load_tokenizer(ckpt_dir: str | os.PathLike, **kwargs: Any):
         return CLIPTokenizer.from_pretrained(os.fspath(d), local_files_only=True, **kwargs)
       except Exception:  # noqa: BLE001 - the AutoTokenizer error is the informative one
         pass
-    raise ValueError(f"transformers could not load the tokenizer in {d}: {type(auto_err).__name__}: "
-                     f"{auto_err}") from auto_err
+    bad_file = diagnose_tokenizer_files(d)
+    raise ValueError(bad_file or f"transformers could not load the tokenizer in {d}: {type(auto_err).__name__}: "
+                                 f"{auto_err}") from auto_err
+
+
+# JSON files AutoTokenizer may read, in the order a fault is reported (config.json: for the tokenizer class).
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "config.json")
+
+
+def diagnose_tokenizer_files(d: Path) -> str | None:
+  """Names the first malformed tokenizer file in ``d`` and why, or None. Run after a failed load: transformers'
+  own errors (a bare JSONDecodeError, a Rust "Model missing. at line 1") do not say which file is at fault."""
+  for name in TOKENIZER_JSON_FILES:
+    path = d / name
+    if not path.is_file():
+      continue
+    try:
+      obj = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      where = f"line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+      return f"{path}: not valid JSON ({where})"
+    if not isinstance(obj, dict):
+      return f"{path}: expected a JSON object at the top level, got {type(obj).__name__}"
+  path = d / "tokenizer.json"
+  if path.is_file():
+    from tokenizers import Tokenizer
+    try:
+      Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the Rust library raises a bare Exception with the parse position
+      return f"{path}: not a valid tokenizers file ({e})"
+  return None
 
 
 def tokenize(tokenizer, texts: str | Sequence[str], max_length: int = 77, *,
@@ -166,5 +198,5 @@ def build_clip_bpe_tokenizer(gz_path: str | os.PathLike, model_max_length: int =
   return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-__all__ = ["TOKENIZER_FILE_SETS", "load_tokenizer", "tokenize", "bytes_to_unicode", "clip_bpe_vocab",
-           "build_clip_bpe_tokenizer", "CLIP_NUM_MERGES"]
+__all__ = ["TOKENIZER_FILE_SETS", "TOKENIZER_JSON_FILES", "load_tokenizer", "diagnose_tokenizer_files", "tokenize",
+           "bytes_to_unicode", "clip_bpe_vocab", "build_clip_bpe_tokenizer", "CLIP_NUM_MERGES"]

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlsafe_jax.models import attention
+from vlsafe_jax.models.config_fields import check_field_types
 
 # Names of the Linear layers inside one encoder layer whose inputs can be captured.
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
@@ -118,18 +119,19 @@ class CLIPConfig:
     d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
     model_type = d.get("model_type", "clip")
     if model_type == "clip_text_model":
-      t = _sub_config(CLIPTextConfig, d)
+      t = _sub_config(CLIPTextConfig, d, "config")
       return cls(text_config=t, vision_config=None, projection_dim=t.projection_dim)
     if model_type == "clip_vision_model":
-      v = _sub_config(CLIPVisionConfig, d)
+      v = _sub_config(CLIPVisionConfig, d, "config")
       return cls(text_config=None, vision_config=v, projection_dim=v.projection_dim)
     if model_type != "clip":
       raise ValueError(f"config model_type {model_type!r} is not a CLIP config (expected 'clip', "
                        f"'clip_text_model' or 'clip_vision_model')")
+    check_field_types(cls, d, "config")
     proj = int(d.get("projection_dim", 512))
     # Very old config.json files carry "*_config_dict" instead of "*_config".
-    t = _sub_config(CLIPTextConfig, d.get("text_config") or d.get("text_config_dict") or {})
-    v = _sub_config(CLIPVisionConfig, d.get("vision_config") or d.get("vision_config_dict") or {})
+    t = _sub_config(CLIPTextConfig, d.get("text_config") or d.get("text_config_dict") or {}, "text_config")
+    v = _sub_config(CLIPVisionConfig, d.get("vision_config") or d.get("vision_config_dict") or {}, "vision_config")
     return cls(text_config=t, vision_config=v, projection_dim=proj,
                logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)))
 
@@ -156,6 +158,8 @@ class CLIPConfig:
 
 
 def _check_heads(where: str, hidden: int, heads: int) -> None:
+  if not isinstance(heads, int) or heads < 1:
+    raise ValueError(f"{where}: num_attention_heads must be a positive integer, got {heads!r}")
   if hidden % heads:
     raise ValueError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
 
@@ -165,9 +169,13 @@ def _check_act(where: str, act: str) -> None:
     raise ValueError(f"{where}: hidden_act {act!r} not supported; expected one of {sorted(_ACTIVATIONS)}")
 
 
-def _sub_config(cls, d: Mapping[str, Any]):
+def _sub_config(cls, d: Mapping[str, Any], where: str):
+  if not isinstance(d, Mapping):
+    raise ValueError(f"{where} must be a JSON object (field -> value), got {type(d).__name__}: {d!r:.60}")
   names = {f.name for f in dataclasses.fields(cls)}
-  return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+  kw = {k: v for k, v in d.items() if k in names and v is not None}
+  check_field_types(cls, kw, where)
+  return cls(**kw)
 
 
 # --------------------------------------------------------------------------------------------------------------

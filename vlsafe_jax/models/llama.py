@@ -45,6 +45,7 @@ from flax import nnx
 
 from vlsafe_jax import sharding
 from vlsafe_jax.models import attention
+from vlsafe_jax.models.config_fields import check_field_types
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -88,6 +89,10 @@ class LlamaConfig:
   attention_impl: str | None = "auto"
 
   def __post_init__(self):
+    for name in ("num_attention_heads", "num_key_value_heads"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, int) or v < 1):
+        raise ValueError(f"LlamaConfig: {name} must be a positive integer, got {v!r}")
     if self.num_key_value_heads is None:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
@@ -116,12 +121,13 @@ class LlamaConfig:
     return () if e is None else (tuple(e) if isinstance(e, tuple) else (int(e),))
 
   @classmethod
-  def from_hf(cls, hf: Any, **overrides) -> "LlamaConfig":
+  def from_hf(cls, hf: Any, *, where: str = "config", **overrides) -> "LlamaConfig":
     """Builds a config from an HF ``LlamaConfig`` / ``MistralConfig`` object or a config.json dict.
 
     Accepts both RoPE forms (platform.md §4.7): hub files with top-level ``rope_theta`` + ``rope_scaling``
     (``type`` or ``rope_type`` key), and transformers-5 ``rope_parameters``. A LLaVA config's ``text_config``
-    must be passed itself. Unknown HF fields are ignored; unsupported features raise with the field named.
+    must be passed itself (``where="text_config"`` names it in errors). Unknown HF fields are ignored;
+    unsupported features and wrong-typed fields raise with the field named.
     """
     d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
     model_type = d.get("model_type", "llama")
@@ -153,6 +159,7 @@ class LlamaConfig:
       kw.pop("sliding_window", None)   # Llama configs have no sliding window; ignore stray fields
     elif d.get("use_sliding_window") is False:
       kw.pop("sliding_window", None)
+    check_field_types(cls, kw, where)
     kw["model_type"] = model_type
     kw["pad_token_id"] = d.get("pad_token_id")
     kw["rope_type"] = rope_type

@@ -26,7 +26,7 @@ Model code never reads files: ``Llava.from_pretrained`` delegates to ``checkpoin
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -35,7 +35,9 @@ import numpy as np
 from flax import nnx
 
 from vlsafe_jax.models import decoding
-from vlsafe_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer, _ACTIVATIONS, clip_image_flops
+from vlsafe_jax.models.clip import (CLIPVisionConfig, CLIPVisionTransformer, _ACTIVATIONS, _sub_config,
+                                    clip_image_flops)
+from vlsafe_jax.models.config_fields import check_field_types
 from vlsafe_jax.models.llama import Llama, LlamaConfig, KVCache, llama_prefill_flops
 
 SELECT_STRATEGIES = ("default", "full")
@@ -96,18 +98,26 @@ class LlavaConfig:
 
     Partial sub-configs (hub files rely on class defaults) are completed with HF's defaults, which equal this
     module's dataclass defaults. ``image_token_id`` (newer name) is accepted for ``image_token_index``.
+    The embeddings are tied when either the top level or ``text_config`` says so: transformers 5's
+    ``LlavaConfig.__post_init__`` ORs the two and ``LlavaForConditionalGeneration`` ties on the top-level flag, so
+    such files carry no ``lm_head`` (whether a stored head still counts is decided at load time, from the tensors).
     """
     d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
     if d.get("model_type", "llava") != "llava":
       raise ValueError(f"config model_type {d.get('model_type')!r} is not a LLaVA config (expected 'llava')")
+    for key in ("vision_config", "text_config"):
+      if not isinstance(d.get(key) or {}, Mapping):
+        raise ValueError(f"{key} must be a JSON object (field -> value), got {type(d[key]).__name__}")
+    check_field_types(cls, d, "config")
     vd = dict(d.get("vision_config") or {})
     if vd.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
       raise ValueError(f"config vision_config.model_type {vd.get('model_type')!r} is not supported (CLIP only)")
-    names = {f.name for f in dataclasses.fields(CLIPVisionConfig)}
-    vision = CLIPVisionConfig(**{k: v for k, v in vd.items() if k in names and v is not None})
+    vision = _sub_config(CLIPVisionConfig, vd, "vision_config")
     td = dict(d.get("text_config") or {})
     td.setdefault("model_type", "llama")
-    text = LlamaConfig.from_hf(td)
+    text = LlamaConfig.from_hf(td, where="text_config")
+    if d.get("tie_word_embeddings") and not text.tie_word_embeddings:
+      text = dataclasses.replace(text, tie_word_embeddings=True)
     kw: dict[str, Any] = dict(vision_config=vision, text_config=text)
     token = d.get("image_token_index", d.get("image_token_id"))
     if token is not None:

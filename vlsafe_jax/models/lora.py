@@ -495,6 +495,9 @@ def load_lora(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
   for k, var in variables.items():
     if k in tensors and tuple(tensors[k].shape) != tuple(var.get_value().shape):
       errors.append(f"{k}: file shape {tuple(tensors[k].shape)} != model shape {tuple(var.get_value().shape)}")
+  # A diverged run's NaN/Inf would otherwise load silently and only show up as NaN outputs.
+  errors += [f"{k}: {int(np.size(t) - np.isfinite(np.asarray(t, np.float32)).sum())} NaN/Inf values"
+             for k, t in tensors.items() if not np.isfinite(np.asarray(t, np.float32)).all()]
   for name, site in lora_sites(model).items():
     cfg = saved_sites.get(name)
     if cfg and (cfg["rank"] != site.lora_rank or not np.isclose(cfg["alpha"], site.lora_alpha)):

@@ -150,6 +150,26 @@ def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def guard_nonfinite(nonfinite: str, loss: jax.Array, grad_norm: jax.Array, new: Any, old: Any
+                    ) -> tuple[Any, dict[str, jax.Array]]:
+  """The non-finite guard of a train step: ``(state to keep, {"finite", "skipped"} as float32 0-d metrics)``.
+
+  A step is finite when both the loss and the gradient norm are: a finite loss can still carry a NaN/Inf
+  gradient (e.g. a square root at 0), and that update would poison the parameters just the same.
+
+  Args:
+    nonfinite: ``"raise"`` keeps ``new`` whatever happened (the host loop raises before any checkpoint of it);
+      ``"skip"`` keeps ``old`` on a non-finite step, so parameters and optimizer moments are untouched.
+    new, old: pytrees of the same structure (e.g. ``(params, opt_state)`` after and before the update).
+  """
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  skipped = jnp.logical_not(finite) if nonfinite == "skip" else jnp.zeros((), bool)
+  if nonfinite == "skip":
+    # where, not cond: the update is computed anyway (it is the step's whole cost) and NaN never leaks through.
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  return new, {"finite": finite.astype(jnp.float32), "skipped": skipped.astype(jnp.float32)}
+
+
 def make_update_fn(loss_fn: Callable, tx: optax.GradientTransformation, *, state_sh: State, mesh: Mesh,
                    lr_fn: optax.Schedule | None = None, nonfinite: str = "raise",
                    pre_step: Callable[[Any], Any] | None = None) -> Callable:
@@ -163,7 +183,9 @@ def make_update_fn(loss_fn: Callable, tx: optax.GradientTransformation, *, state
     mesh: device mesh (the metrics are replicated on it).
     lr_fn: schedule, logged as ``lr``.
     nonfinite: ``"raise"`` (update anyway; the host raises before any checkpoint of the bad state) or ``"skip"``
-      (keep params and optimizer state of a non-finite step; ``skipped`` = 1 in the metrics).
+      (keep params and optimizer state of a step whose loss or gradient norm is NaN/Inf). The metrics carry
+      ``finite`` and ``skipped`` (1.0 for a skipped step, else 0.0; always 0.0 under ``"raise"``), see
+      :func:`guard_nonfinite`. The step counter advances either way, so the schedule and data stay in step.
     pre_step: applied to the params before the forward pass (HySAC's scalar clamps); its result is what the
       gradients are taken at and what the update is applied to.
   """
@@ -177,11 +199,10 @@ def make_update_fn(loss_fn: Callable, tx: optax.GradientTransformation, *, state
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, key)
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss)
-    if nonfinite == "skip":
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-      new_params, opt = keep(new_params, state["params"]), keep(opt, state["opt"])
-    metrics = {"loss": loss, **aux, "grad_norm": global_norm(grads), "finite": finite.astype(jnp.float32)}
+    grad_norm = global_norm(grads)
+    (new_params, opt), guard = guard_nonfinite(nonfinite, loss, grad_norm, (new_params, opt),
+                                               (state["params"], state["opt"]))
+    metrics = {"loss": loss, **aux, "grad_norm": grad_norm, **guard}
     if lr_fn is not None:
       metrics["lr"] = lr_fn(state["step"])
     return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
@@ -226,9 +247,11 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
              on_log: Callable[[dict[str, Any]], None] | None = None) -> State:
   """Steps ``state`` to ``total_steps`` with checkpoints every ``train_cfg.checkpoint_every`` steps and at the end.
 
-  Non-finite losses: with ``nonfinite="raise"`` the loop raises :class:`NonFiniteLossError` *before* saving, so the
-  last good checkpoint stays the latest. ``train_cfg.max_steps_this_run`` (0 = unlimited) stops the process after
-  that many steps with :class:`StopAfterSteps` (after the checkpoint of that step, if one was due): a simulated kill.
+  Non-finite losses or gradients: with ``nonfinite="raise"`` the loop raises :class:`NonFiniteLossError` *before*
+  saving, so the last good checkpoint stays the latest; with ``"skip"`` the step left the state unchanged and its
+  record says ``skipped`` = 1 (with ``log_every`` > 1 a record describes its own step only).
+  ``train_cfg.max_steps_this_run`` (0 = unlimited) stops the process after that many steps with
+  :class:`StopAfterSteps` (after the checkpoint of that step, if one was due): a simulated kill.
   ``on_epoch_end(state, epoch) -> stop?`` runs after each epoch (validation, early stopping); ``on_log(record)``
   after each metrics record is written (console warnings).
   """
@@ -263,9 +286,9 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
           rec.update(log_extra(state))
         if not host["finite"] and train_cfg.nonfinite == "raise":
           raise NonFiniteLossError(
-              f"[{stage}] non-finite loss {host['loss']} at step {done}; stopping without saving. The last good "
-              f"checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is intact. Lower the learning rate, or set "
-              f"train.nonfinite=skip to skip such steps.")
+              f"[{stage}] non-finite loss {host['loss']} (gradient norm {host['grad_norm']}) at step {done}; "
+              f"stopping without saving. The last good checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is "
+              f"intact. Lower the learning rate, or set train.nonfinite=skip to skip such steps.")
         writer.write(rec)
         if on_log is not None:
           on_log(rec)
@@ -273,13 +296,13 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
         t_last, n_since = time.perf_counter(), 0
       elif train_cfg.nonfinite == "raise" and train_cfg.get("check_every_step", False):
         if not bool(jax.device_get(metrics["finite"])):
-          raise NonFiniteLossError(f"[{stage}] non-finite loss at step {done}; last good checkpoint "
+          raise NonFiniteLossError(f"[{stage}] non-finite loss or gradient at step {done}; last good checkpoint "
                                    f"{ckpt.latest_step()} kept in {ckpt.directory}")
       bar.update(1)
       if done % ckpt_every == 0 or done == total_steps:
         if train_cfg.nonfinite == "raise" and not bool(jax.device_get(metrics["finite"])):
-          raise NonFiniteLossError(f"[{stage}] non-finite loss at step {done}; not saving. Last good checkpoint "
-                                   f"{ckpt.latest_step()} kept in {ckpt.directory}")
+          raise NonFiniteLossError(f"[{stage}] non-finite loss or gradient at step {done}; not saving. Last good "
+                                   f"checkpoint {ckpt.latest_step()} kept in {ckpt.directory}")
         save(ckpt, done, state, loader, meta)
       if on_epoch_end is not None and done % steps_per_epoch == 0:
         if on_epoch_end(state, done // steps_per_epoch):
@@ -380,6 +403,6 @@ def embed_split(encode: Callable[[dict], tuple[np.ndarray, ...]], source, transf
 __all__ = [
     "NonFiniteLossError", "StopAfterSteps", "maybe_initialize_distributed", "prepare_workdir", "MetricsWriter",
     "learning_rate_schedule", "make_optimizer", "make_mesh", "pure_shardings", "train_state_shardings",
-    "init_train_state", "global_norm", "make_update_fn", "resume", "save", "to_host", "run_loop",
+    "init_train_state", "global_norm", "guard_nonfinite", "make_update_fn", "resume", "save", "to_host", "run_loop",
     "build_data", "make_train_loader", "iterate_split", "embed_split",
 ]

@@ -151,12 +151,11 @@ def make_train_step(graphdef, loss_cfg: loss_lib.TGALossConfig, tx: optax.Gradie
       loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss)
-    if nonfinite == "skip":
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-      new_params, opt = keep(new_params, params), keep(opt, state["opt"])
-    metrics = {"loss": loss, "rho": rho, "grad_norm": common.global_norm(grads),
-               "finite": finite.astype(jnp.float32), "token_acc": aux["n_correct"] / jnp.maximum(aux["n_tokens"], 1)}
+    grad_norm = common.global_norm(grads)
+    (new_params, opt), guard = common.guard_nonfinite(nonfinite, loss, grad_norm, (new_params, opt),
+                                                      (params, state["opt"]))
+    metrics = {"loss": loss, "rho": rho, "grad_norm": grad_norm, **guard,
+               "token_acc": aux["n_correct"] / jnp.maximum(aux["n_tokens"], 1)}
     for k in ("ce", "align", "pairwise", "align_raw", "pairwise_raw", "w_align", "w_pairwise"):
       metrics[k] = aux[k]
     for i, layer in enumerate(loss_cfg.layers):

@@ -278,6 +278,9 @@ def load_trainable(model: HySAC, directory: str | os.PathLike) -> HySAC:
   errors += [f"unexpected tensor {k} {tensors[k].shape}" for k in tensors if k not in variables]
   errors += [f"{k}: file shape {tensors[k].shape} != model shape {tuple(v.get_value().shape)}"
              for k, v in variables.items() if k in tensors and tensors[k].shape != tuple(v.get_value().shape)]
+  # A diverged run's NaN/Inf would otherwise load silently and only show up as NaN embeddings.
+  errors += [f"{k}: {int(np.size(t) - np.isfinite(t).sum())} NaN/Inf values" for k, t in tensors.items()
+             if np.issubdtype(t.dtype, np.floating) and not np.isfinite(t).all()]
   if errors:
     raise ValueError(f"{f}: HySAC trainable state does not fit the model:\n  " + "\n  ".join(errors))
   for k, v in variables.items():
