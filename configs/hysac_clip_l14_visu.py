@@ -49,7 +49,7 @@ def get_config(arg=None):
   c.hysac.epochs = 50 if arg != "paper" else 20
   c.hysac.lora.update(rank=16, alpha=1.0, dropout=0.1)
   c.hysac.scalars.update(alpha_init="inv_sqrt_embed_dim", curv_init=1.0, learn_curv=True, freeze_logit_scale=False)
-  c.hysac.loss.update(eta=1.0, entailment_lambda=1.0, weighting="reference", negatives="local")
+  c.hysac.loss.update(eta=1.0, entailment_lambda=1.0, weighting="reference", negatives="local", radial="none")
   c.hysac.optim.update(lr=1e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.2, schedule="constant", warmup_steps=4000)
 
   c.train.log_every = 20

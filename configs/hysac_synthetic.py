@@ -62,8 +62,9 @@ def get_config(arg=None):
     c.hysac.lora.rank = 4
   c.hysac.scalars = ml_collections.ConfigDict(dict(alpha_init="inv_sqrt_embed_dim", curv_init=1.0, learn_curv=True,
                                                    freeze_logit_scale=False))
+  # radial="hinge" is not the paper's loss: an option against cone collapse (losses.HySACLossConfig.radial).
   c.hysac.loss = ml_collections.ConfigDict(dict(eta=1.0, entailment_lambda=1.0, weighting="reference",
-                                                negatives="local"))
+                                                negatives="local", radial="none", radial_margin=0.0))
   # Not the paper's values (few steps on 2 CPU cores): LoRA alpha = rank (scaling 1, paper 1/16) and lr 5e-3 (paper
   # 1e-4). What this setting does and does not show, and every variant measured: README "HySAC on the synthetic
   # benchmark"; `python -m vlsafe_jax.hysac_probe` tests the loss from this model's embeddings without the towers.

@@ -380,3 +380,59 @@ def test_scalar_clamps():
   np.testing.assert_allclose(float(m.logit_scale[...]), math.log(1 / 0.07), rtol=1e-7)
   with pytest.raises(ValueError, match="curv_init"):
     S.HyperbolicScalars(curv_init=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The radial-hinge option (not in the paper).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_root_distance_matches_float64_and_has_a_finite_gradient_at_the_root():
+  x = np.random.default_rng(0).normal(size=(5, 7)) * np.asarray([0.0, 1e-4, 0.3, 2.0, 30.0])[:, None]
+  for c in (0.1, 1.0, 7.0):
+    # Independent form: arccosh of sqrt(c) times the time component x0 = sqrt(1/c + |x|^2).
+    want = np.arccosh(np.sqrt(c) * np.sqrt(1 / c + np.sum(x * x, -1))) / np.sqrt(c)
+    got = np.asarray(L.root_distance(jnp.asarray(x, jnp.float32), c), np.float64)
+    np.testing.assert_allclose(got[1:], want[1:], rtol=2e-6)
+    assert got[0] == 0.0
+  g = jax.grad(lambda v: L.root_distance(v, 1.0))(jnp.zeros(4))
+  chex.assert_tree_all_finite(g)
+
+
+def test_radial_hinge_is_implied_by_a_cone_narrower_than_pi_over_2():
+  # The option's premise (losses.HySACLossConfig.radial): a child strictly inside the cone of an apex whose
+  # half-aperture is < pi/2 is farther from the root (the triangle root-P-Q is obtuse at P). Sampled, not assumed.
+  rng = np.random.default_rng(1)
+  c = 0.7
+  p = rng.normal(size=(4000, 3)) * rng.uniform(0.1, 3.0, size=(4000, 1))
+  # Children near the apex's ray, on both sides of it radially and off it laterally.
+  q = p * rng.uniform(0.3, 3.0, size=(4000, 1)) + rng.normal(size=(4000, 3)) * 0.05
+  p, q = jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32)
+  omega = L.half_aperture(p, c)
+  inside = (L.oxy_angle(p, q, c) < omega) & (omega < math.pi / 2 - 1e-3)
+  assert int(inside.sum()) > 100
+  d_p, d_q = L.root_distance(p, c), L.root_distance(q, c)
+  assert bool(jnp.all(d_q[inside] > d_p[inside]))
+  # ... so the margin-0 hinge is zero wherever the exact cone is satisfied with a non-saturated aperture.
+  assert float(jnp.max(H.radial_hinge_per_sample(p, q, c)[inside])) == 0.0
+
+
+def test_radial_option_adds_the_hinge_to_each_entailment_term():
+  rng = np.random.default_rng(2)
+  embs = [jnp.asarray(rng.normal(size=(6, 5)) * s, jnp.float32) for s in (0.3, 0.5, 0.2, 0.4)]  # i, iu, t, tu
+  c, s = jnp.float32(0.8), jnp.float32(10.0)
+  base_total, base = H.hysac_loss(*embs, c, s, H.HySACLossConfig())
+  _, got = H.hysac_loss(*embs, c, s, H.HySACLossConfig(radial="hinge", radial_margin=0.05))
+  d0 = [np.asarray(L.root_distance(e, c), np.float64) for e in embs]
+  pairs = {"entail_t_i": (2, 0), "entail_tu_iu": (3, 1), "entail_i_tu": (0, 3)}
+  assert set(pairs) <= set(H.TERM_NAMES)
+  for name, (a, z) in pairs.items():
+    extra = np.mean(np.maximum(0.0, 0.05 + d0[a] - d0[z]))
+    assert extra > 0
+    np.testing.assert_allclose(float(got[name]), float(base[name]) + extra, rtol=1e-5)
+  for name in H.TERM_NAMES[:4]:
+    assert float(got[name]) == float(base[name])
+  with pytest.raises(ValueError, match="radial"):
+    H.HySACLossConfig(radial="margin")
+  with pytest.raises(ValueError, match="radial_margin"):
+    H.HySACLossConfig(radial="hinge", radial_margin=-0.1)

@@ -267,6 +267,22 @@ def elementwise_dist(x, y, curv, eps: float = EPS_DIST):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def root_distance(x, curv):
+  """Geodesic distance from the root, ``d(0, x) = asinh(sqrt(c) ||x||) / sqrt(c)`` (= ``||log0(x)||``).
+
+  Args:
+    x: ``(..., D)`` space components.
+    curv: curvature magnitude ``c > 0``.
+
+  Returns:
+    ``(...)`` distances ``>= 0`` in the compute dtype. The closed form needs no arccosh clamp, so it is exact near
+    the root, and its gradient at ``x = 0`` is finite (zero).
+  """
+  dt, (x,) = _prepare("root_distance", x)
+  rc = jnp.sqrt(_curv("root_distance", curv, dt))
+  return jnp.arcsinh(rc * _safe_norm(x)) / rc
+
+
 def half_aperture(x, curv, min_radius: float = MIN_RADIUS, eps: float = EPS_APERTURE):
   """Half-aperture of the entailment cone with apex ``x``.
 
@@ -343,5 +359,5 @@ def pairwise_oxy_angle(x, y, curv, eps: float = EPS_ANGLE):
 
 __all__ = [
     "SINH_CAP", "compute_dtype", "time_component", "exp_map0", "log_map0", "pairwise_inner", "elementwise_inner",
-    "pairwise_dist", "elementwise_dist", "half_aperture", "oxy_angle", "pairwise_oxy_angle",
+    "pairwise_dist", "elementwise_dist", "root_distance", "half_aperture", "oxy_angle", "pairwise_oxy_angle",
 ]

@@ -70,6 +70,7 @@ def loss_config(h: ml_collections.ConfigDict, variant: str, per_device_batch: in
   l = h.loss
   return losses.HySACLossConfig(
       eta=l.eta, entailment_lambda=l.entailment_lambda, weighting=l.weighting, negatives=l.negatives,
+      radial=l.get("radial", "none"), radial_margin=l.get("radial_margin", 0.0),
       per_device_batch=per_device_batch if l.negatives == "local" else None, **ABLATIONS[variant])
 
 

@@ -62,6 +62,14 @@ class HySACLossConfig:
     n_groups: number of local groups (alternative to ``per_device_batch``).
     min_radius: ``K`` of the half-aperture.
     eps_dist, eps_aperture, eps_angle: geometry eps (HySAC defaults; MERU = 1e-8).
+    radial: ``"none"`` (the paper's loss) or ``"hinge"``: each entailment term also gets, per row,
+      ``max(0, radial_margin + d(0, P) - d(0, Q))`` (apex P, child Q; root distances). Not in the paper; an option
+      against cone collapse (README, "HySAC on the synthetic benchmark"). With margin 0 it demands nothing the
+      exact cone does not already imply: a child strictly inside a cone of half-aperture < pi/2 makes the
+      triangle root-P-Q obtuse at P, so d(0, Q) > d(0, P). It bites only where the cone cannot pull, i.e. where the
+      aperture is clipped at its maximum (sqrt(c)|P| <= 2K) or the child sits behind the apex (phi ~ pi, where the
+      angle's gradient vanishes).
+    radial_margin: the hinge's margin, in root-distance units (``"hinge"`` only; >= 0).
   """
   eta: float = 1.0
   entailment_lambda: float = 1.0
@@ -75,8 +83,14 @@ class HySACLossConfig:
   eps_dist: float = lorentz.EPS_DIST
   eps_aperture: float = lorentz.EPS_APERTURE
   eps_angle: float = lorentz.EPS_ANGLE
+  radial: Literal["none", "hinge"] = "none"
+  radial_margin: float = 0.0
 
   def __post_init__(self):
+    if self.radial not in ("none", "hinge"):
+      raise ValueError(f"HySACLossConfig.radial must be 'none' or 'hinge', got {self.radial!r}")
+    if not self.radial_margin >= 0:
+      raise ValueError(f"HySACLossConfig.radial_margin must be >= 0, got {self.radial_margin!r}")
     if self.weighting not in ("reference", "sum"):
       raise ValueError(f"HySACLossConfig.weighting must be 'reference' or 'sum', got {self.weighting!r}")
     if self.negatives not in ("local", "global"):
@@ -323,9 +337,20 @@ def _combine(terms: Sequence[jax.Array], config: HySACLossConfig) -> tuple[jax.A
   return jnp.asarray(total, terms[0].dtype), dict(zip(TERM_NAMES, terms))
 
 
+def radial_hinge_per_sample(p_bd, q_bd, curv, margin: float = 0.0) -> jax.Array:
+  """``max(0, margin + d(0, P_b) - d(0, Q_b))`` per row: the child at least ``margin`` farther from the root."""
+  return jax.nn.relu(margin + lorentz.root_distance(p_bd, curv) - lorentz.root_distance(q_bd, curv))
+
+
 def _entailment_terms(embs, curv, config: HySACLossConfig, reduce: Callable = jnp.mean):
   kw = dict(min_radius=config.min_radius, eps_aperture=config.eps_aperture, eps_angle=config.eps_angle)
-  return [reduce(entailment_per_sample(embs[p], embs[q], curv, config.eta, **kw)) for p, q in _ENTAIL_PAIRS]
+  terms = []
+  for p, q in _ENTAIL_PAIRS:
+    per_row = entailment_per_sample(embs[p], embs[q], curv, config.eta, **kw)
+    if config.radial == "hinge":
+      per_row = per_row + radial_hinge_per_sample(embs[p], embs[q], curv, config.radial_margin)
+    terms.append(reduce(per_row))
+  return terms
 
 
 def hysac_loss(e_i, e_iu, e_t, e_tu, curv, scale,
@@ -423,5 +448,5 @@ def hysac_loss_sharded(mesh: Mesh, config: HySACLossConfig = HySACLossConfig(),
 
 __all__ = [
     "TERM_NAMES", "N_TERMS", "HySACLossConfig", "lift", "contrastive", "entailment", "entailment_per_sample",
-    "hysac_loss", "hysac_loss_sharded",
+    "radial_hinge_per_sample", "hysac_loss", "hysac_loss_sharded",
 ]

@@ -83,19 +83,16 @@ class HySACOptions:
 # --------------------------------------------------------------------------------------------------------------
 
 def root_distance(x_bp: jax.Array, curv) -> jax.Array:
-  """Geodesic distance from the root, ``d(0, x) = asinh(sqrt(c) ||x||) / sqrt(c)`` (= ``||log0(x)||``).
+  """Geodesic distance from the root, ``d(0, x)``: :func:`vlsafe_jax.geometry.lorentz.root_distance`.
 
   Args:
     x_bp: ``(..., P)`` space components of hyperboloid points.
     curv: curvature magnitude ``c > 0``.
 
   Returns:
-    ``(...)`` float32 distances ``>= 0`` (this closed form has no arccosh clamp, so it is exact near the root).
+    ``(...)`` float32 (or wider) distances ``>= 0``.
   """
-  x = jnp.asarray(x_bp)
-  x = x.astype(lorentz.compute_dtype(x))
-  sc = jnp.sqrt(jnp.asarray(curv, x.dtype))
-  return jnp.arcsinh(sc * jnp.linalg.norm(x, axis=-1)) / sc
+  return lorentz.root_distance(x_bp, curv)
 
 
 def retrieval_scores(q_qp: jax.Array, g_mp: jax.Array, curv, kind: str = "inner") -> jax.Array:
