@@ -71,7 +71,7 @@ def hierarchy_stats(root_d: Mapping[str, np.ndarray]) -> dict[str, float | bool]
 
   Returns per set ``mean_<K>`` / ``std_<K>``; ``ordered`` (means T < I < T* < I*); for each consecutive pair
   ``gap_<A>_<B>`` = mean B - mean A and ``sep_<A>_<B>`` = gap / mean of the two stds (the Figure-2 peaks are visibly
-  apart from about 0.5; keys use ``u`` for ``*``); ``tu_behind_i_order`` (share of items with d(0,T*) < d(0,I)).
+  apart from about 0.5; keys use ``u`` for ``*``); ``tu_below_i_share`` (share of items with d(0,T*) < d(0,I)).
   """
   order = ("T", "I", "T*", "I*")
   name = lambda k: k.replace("*", "u").lower()
