@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from vlsafe_jax.data.vlm_prompts import SEG_IMAGE, collate
+from vlsafe_jax.methods.cmrm import masks
 from vlsafe_jax.models import decoding
 
 EXTRACT_MODES = ("last", "text_mean")
@@ -101,9 +102,8 @@ def prompt_states(model, prompts: Sequence[Any], pixels: np.ndarray | None, *, m
     inputs = [None if x is None else jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in inputs]
   steer = None
   if steer_vectors is not None:
-    from vlsafe_jax.methods.cmrm import steer as steer_lib   # lazy: steer imports this module
     steer = {"vectors": jnp.asarray(steer_vectors, jnp.float32), "alpha": jnp.asarray(steer_alpha, jnp.float32),
-             "mask": jnp.asarray(steer_lib.prompt_steer_mask(arr["attention_mask"], steer_apply), jnp.int32)}
+             "mask": jnp.asarray(masks.prompt_steer_mask(arr["attention_mask"], steer_apply), jnp.int32)}
   return _states_jit(model, *inputs, steer, mode=mode)
 
 
