@@ -38,11 +38,7 @@ from vlsafe_jax.methods.hysac import scalars as scalars_lib
 from vlsafe_jax.models.clip import CLIP, clip_image_flops, clip_text_flops
 from vlsafe_jax.train import common
 
-ABLATIONS = {
-    "hysac": {},
-    "wo_ent": {"use_entailment": False},            # paper "w/o Ent": no entailment terms
-    "wo_sent": {"use_safety_entailment": False},    # paper "w/o S-Ent": no E(I, T*)
-}
+ABLATIONS = losses.ABLATIONS
 LABELS = {"hysac": "HySAC", "wo_ent": "HySAC w/o Ent", "wo_sent": "HySAC w/o S-Ent"}
 CLIP_LABEL = "CLIP (stage 1, cosine)"
 

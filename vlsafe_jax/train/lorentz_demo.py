@@ -26,11 +26,7 @@ from vlsafe_jax.perf import format_table
 
 SETS = ("I", "I*", "T", "T*")   # order of the hysac_loss arguments: e_i, e_iu, e_t, e_tu
 
-ABLATIONS = {
-    "hysac": dict(),
-    "wo_ent": dict(use_entailment=False),
-    "wo_sent": dict(use_safety_entailment=False),
-}
+ABLATIONS = losses.ABLATIONS
 
 
 class FreeEmbeddings(nnx.Module):

@@ -323,6 +323,14 @@ _CONTRASTIVE_PAIRS = ((_I, _T), (_IU, _TU), (_IU, _T), (_I, _TU))
 _ENTAIL_PAIRS = ((_T, _I), (_TU, _IU), (_I, _TU))
 
 
+# The paper's ablations (hysac.md §3.3) as HySACLossConfig overrides, keyed by the variant names runs use.
+ABLATIONS = {
+    "hysac": {},
+    "wo_ent": {"use_entailment": False},            # paper "w/o Ent": no entailment terms
+    "wo_sent": {"use_safety_entailment": False},    # paper "w/o S-Ent": no E(I, T*)
+}
+
+
 def _check_embeddings(embs: Sequence[jax.Array]) -> None:
   names = ("e_i", "e_iu", "e_t", "e_tu")
   shapes = [jnp.shape(e) for e in embs]
@@ -447,6 +455,7 @@ def hysac_loss_sharded(mesh: Mesh, config: HySACLossConfig = HySACLossConfig(),
 
 
 __all__ = [
-    "TERM_NAMES", "N_TERMS", "HySACLossConfig", "lift", "contrastive", "entailment", "entailment_per_sample",
+    "TERM_NAMES", "N_TERMS", "ABLATIONS", "HySACLossConfig", "lift", "contrastive", "entailment",
+    "entailment_per_sample",
     "radial_hinge_per_sample", "hysac_loss", "hysac_loss_sharded",
 ]
