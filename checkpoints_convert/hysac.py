@@ -200,8 +200,8 @@ def convert(src: str | os.PathLike, base: str | os.PathLike, dst: str | os.PathL
   raw = dict(scalars)
   model.clamp_scalars_()
   out = code.save(model, dst, base_path=str(Path(base).resolve()),
-                          extra={"source": str(Path(src).resolve()), "imported_scalars": raw,
-                                 "imported_from": "hysac_model.pth (PEFT 0.4 state dict)"})
+                  extra={"source": str(Path(src).resolve()), "imported_scalars": raw,
+                         "imported_from": "hysac_model.pth (PEFT 0.4 state dict)"})
   if b is not None:
     model_io.save_bounds(Path(out) / "bounds.json", b)
   return Path(out)
