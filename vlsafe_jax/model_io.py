@@ -484,9 +484,9 @@ def load_lora(sites: Mapping[str, Any], path: str | os.PathLike) -> None:
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"LoRA file {os.fspath(path)} does not exist")
-  if SafetensorsFile(path).metadata.get("format") != LORA_FORMAT:
-    raise ValueError(f"{os.fspath(path)}: not a vlsafe_jax LoRA file (metadata format="
-                     f"{SafetensorsFile(path).metadata.get('format')!r})")
+  fmt = SafetensorsFile(path).metadata.get("format")
+  if fmt != LORA_FORMAT:
+    raise ValueError(f"{os.fspath(path)}: not a vlsafe_jax LoRA file (metadata format={fmt!r})")
 
   def site_errors(meta: dict) -> list[str]:
     saved = json.loads(meta.get("sites", "{}"))
