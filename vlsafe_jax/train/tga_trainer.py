@@ -35,6 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from checkpoints_convert.llava import LLAVA_FAMILY
 from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax.methods.tga import loss as loss_lib
 from vlsafe_jax.methods.tga import prompt as prompt_lib
@@ -485,8 +486,7 @@ def save_final(cfg, model: Llava, tokenizer, out_dir: Path) -> Path:
   if cfg.data.kind == "synthetic":
     from vlsafe_jax.data import synthetic_vlm
     return synthetic_vlm.save(model, tokenizer, out_dir, {"kind": "tga_synthetic_final"})
-  from checkpoints_convert import llava as convert
-  return convert.save_converted(model, out_dir, src=cfg.model.path or None)
+  return LLAVA_FAMILY.save_converted(model, out_dir, src=cfg.model.path or None)
 
 
 def format_results(results: Mapping[str, Any]) -> str:
