@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vlsafe_jax.models import llama as L
+from vlsafe_jax.models import decoding, llama as L
 from vlsafe_jax.models.hooks import Hooks
 
 # Deliberately odd sizes (style.md rule 8): 3 layers, width 24, batch 2, 7 tokens.
@@ -106,3 +106,9 @@ def test_bad_hooks_raise_named_errors(model):
                            steer_mask_bt=jnp.ones((B, T + 1))))
   with pytest.raises(ValueError, match="num_layers"):
     model(ids, hooks=Hooks(num_layers=CFG.num_hidden_layers + 1))
+  # Generation returns no captures, so it refuses capture hooks instead of silently dropping them.
+  with pytest.raises(ValueError, match="steering hooks only"):
+    decoding.generate(model, input_ids=ids, attention_mask=mask, hooks=Hooks(output_hidden_states=True))
+  with pytest.raises(ValueError, match="steering mask"):
+    decoding.generate_text(model, [[3, 4, 5]], hooks=Hooks(steer_vectors=jnp.zeros((3, 24)),
+                                                           steer_mask_bt=np.ones((1, 3))))
