@@ -41,6 +41,41 @@ def mfu(flops_per_s: float, kind: str | None = None) -> float | None:
   return None if peak is None else flops_per_s / (peak[0] * 1e12)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Analytic models of the Llama/Mistral decoder. ``cfg`` is a ``vlsafe_jax.models.llama.LlamaConfig`` (read by
+# field name: this utility module sits below models/ and imports none of it).
+# --------------------------------------------------------------------------------------------------------------
+
+def llama_param_count(cfg, *, include_embeddings: bool = True) -> int:
+  """Number of parameters (untied LM head counted once more unless tied)."""
+  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  n, k = cfg.num_attention_heads, cfg.num_key_value_heads
+  per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f + 2 * d
+  total = cfg.num_hidden_layers * per_layer + d
+  if include_embeddings:
+    total += cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
+  return total
+
+
+def llama_prefill_flops(cfg, seq_len: int) -> float:
+  """Analytic forward FLOPs for one sequence of ``seq_len`` tokens (perf.md: 2/MAC, matmuls + attention
+  ``QK^T`` and ``PV`` without causal discount, LM head over every position)."""
+  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  n, k = cfg.num_attention_heads, cfg.num_key_value_heads
+  t = seq_len
+  macs = cfg.num_hidden_layers * (t * (d * n * h * 2 + d * k * h * 2 + 3 * d * f) + 2 * t * t * n * h)
+  macs += t * d * cfg.vocab_size
+  return 2.0 * macs
+
+
+def llama_decode_bytes(cfg, context_len: int, bytes_per_param: int = 2, batch: int = 1) -> float:
+  """Bytes read per decode step: every weight once (embedding rows ignored when untied) plus the K/V cache of
+  ``context_len`` tokens for ``batch`` rows (perf.md §2: bandwidth, not MFU, for batch-1 decode)."""
+  weights = llama_param_count(cfg) - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+  kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context_len * batch
+  return float((weights + kv) * bytes_per_param)
+
+
 def block(x: Any) -> Any:
   return jax.block_until_ready(x)
 

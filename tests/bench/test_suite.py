@@ -11,7 +11,6 @@ from vlsafe_jax.bench import clip as clip_bench
 from vlsafe_jax.bench import llava as llava_bench
 from vlsafe_jax.bench import suite
 from vlsafe_jax.models import clip as C
-from vlsafe_jax.models import llama as L
 from vlsafe_jax.models import llava as LV
 from vlsafe_jax.train import hysac_trainer
 
@@ -54,8 +53,8 @@ def test_gpu_plan_flops_are_perf_md_models(gpu_plan):
   assert 8.5e12 < gpu_plan["llava_prefill_b1"].flops < 9.5e12
   for b in (1, 8):
     d = gpu_plan[f"llava_decode_b{b}"]
-    assert d.flops == b * L.llama_prefill_flops(lcfg.text_config, 1)
-    assert d.decode_bytes == L.llama_decode_bytes(lcfg.text_config, 640 + 32, 2, batch=b)
+    assert d.flops == b * perf.llama_prefill_flops(lcfg.text_config, 1)
+    assert d.decode_bytes == perf.llama_decode_bytes(lcfg.text_config, 640 + 32, 2, batch=b)
   # perf.md §3: 13.5 GB of bf16 weights read per token at batch 1 (+ ~3% KV cache).
   np.testing.assert_allclose(gpu_plan["llava_decode_b1"].decode_bytes, 13.5e9, rtol=0.03)
   u = gpu_plan["uwm_calibration"]

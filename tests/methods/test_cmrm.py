@@ -21,6 +21,7 @@ from _llava_hf import IMAGE_SIZE, IMAGE_TOKEN, N_IMG, PAD, build_hf, nchw  # noq
 from vlsafe_jax.data.vlm_prompts import SEG_IMAGE, SEG_OTHER, SEG_QUESTION, Prompt  # noqa: E402
 from vlsafe_jax.methods.cmrm import shift, steer  # noqa: E402
 from vlsafe_jax.models import llava as LV  # noqa: E402
+from vlsafe_jax.models.hooks import Hooks  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -58,12 +59,12 @@ def test_alpha_zero_is_identity(pair):
   base, arr = _gen(model, prompts, pixels)
   v = np.random.RandomState(2).randn(2, 40).astype(np.float32)
   for apply in ("all", "new_tokens"):
-    out, _ = _gen(model, prompts, pixels, **steer.steer_kwargs(v, 0.0, apply=apply,
-                                                               attention_mask_bt=arr["attention_mask"]))
+    out, _ = _gen(model, prompts, pixels, hooks=steer.steer_hooks(v, 0.0, apply=apply,
+                                                                  attention_mask_bt=arr["attention_mask"]))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(base.tokens))
     np.testing.assert_allclose(np.asarray(out.first_logits), np.asarray(base.first_logits), rtol=1e-6, atol=1e-6)
   # Non-zero alpha does change the output (the test above can fail).
-  out, _ = _gen(model, prompts, pixels, **steer.steer_kwargs(30 * v, 1.0))
+  out, _ = _gen(model, prompts, pixels, hooks=steer.steer_hooks(30 * v, 1.0))
   assert not np.allclose(np.asarray(out.first_logits), np.asarray(base.first_logits))
 
 
@@ -77,8 +78,8 @@ def test_sample_vector_corrects_first_layer_exactly(pair):
   pix = shift.corrupted_pixels(3, IMAGE_SIZE, "noise", seed=5)
   t = arr["input_ids"].shape[1]
   _, _, ex = model(jnp.asarray(arr["input_ids"]), jnp.asarray(pix), attention_mask_bt=jnp.asarray(arr["attention_mask"]),
-                   steer_vectors=jnp.asarray(v_bld), steer_alpha=1.0,
-                   hidden_positions_bp=jnp.full((3, 1), t - 1, jnp.int32), logits="none")
+                   hooks=Hooks(steer_vectors=jnp.asarray(v_bld), steer_alpha=1.0,
+                               hidden_positions_bp=jnp.full((3, 1), t - 1, jnp.int32)), logits="none")
   corrected = np.asarray(ex["hidden_at_positions"])[:, :, 0]
   np.testing.assert_allclose(corrected[:, 0], ht[:, 0], rtol=1e-6, atol=1e-6)
   assert not np.allclose(hc[:, 0], ht[:, 0], atol=1e-3)        # the image really shifts the state
@@ -91,7 +92,7 @@ def test_steered_generation_matches_hf_hooks(pair):
   pixels = np.random.RandomState(8).randn(3, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
   rs = np.random.RandomState(9)
   for vectors, alpha in ((rs.randn(2, 40).astype(np.float32), 1.0), (rs.randn(3, 2, 40).astype(np.float32), 0.5)):
-    out, arr = _gen(model, prompts, pixels, **steer.steer_kwargs(vectors, alpha))
+    out, arr = _gen(model, prompts, pixels, hooks=steer.steer_hooks(vectors, alpha))
     v = torch.tensor(vectors if vectors.ndim == 3 else np.broadcast_to(vectors, (3, 2, 40)).copy())
     handles = []
     for l, layer in enumerate(hf.model.language_model.layers):
@@ -121,12 +122,11 @@ def test_new_tokens_mode_leaves_earlier_positions(pair):
   arr = collate(prompts, PAD, side="left")
   pix = np.random.RandomState(12).randn(3, IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
   v = np.random.RandomState(13).randn(2, 40).astype(np.float32)
-  kw = steer.steer_kwargs(v, 1.0, apply="new_tokens", layers=[1], attention_mask_bt=arr["attention_mask"])
+  hooks = steer.steer_hooks(v, 1.0, apply="new_tokens", layers=[1], attention_mask_bt=arr["attention_mask"])
   args = (jnp.asarray(arr["input_ids"]), jnp.asarray(pix))
-  common = dict(attention_mask_bt=jnp.asarray(arr["attention_mask"]), output_hidden_states=True)
-  _, _, base = model(*args, **common)
-  _, _, st = model(*args, steer_vectors=jnp.asarray(kw["steer_vectors"]), steer_alpha=kw["steer_alpha"],
-                   steer_mask_bt=jnp.asarray(kw["steer_prompt_mask"]), **common)
+  mask = jnp.asarray(arr["attention_mask"])
+  _, _, base = model(*args, attention_mask_bt=mask, hooks=Hooks(output_hidden_states=True))
+  _, _, st = model(*args, attention_mask_bt=mask, hooks=hooks.replace(output_hidden_states=True))
   hb, hs = np.asarray(base["hidden_states"]), np.asarray(st["hidden_states"])
   np.testing.assert_array_equal(hs[:, :, :-1], hb[:, :, :-1])       # positions < P - 1 untouched
   np.testing.assert_array_equal(hs[1, :, -1], hb[1, :, -1])          # layer 0 (index 1) outside the subset
@@ -148,8 +148,8 @@ def test_kv_cache_generation_matches_full_forward(pair):
   n_new = 6
   ids, mask, pix = jnp.asarray(arr["input_ids"]), jnp.asarray(arr["attention_mask"]), jnp.asarray(pixels)
   for apply in ("all", "new_tokens"):
-    kw = steer.steer_kwargs(v, 1.0, apply=apply, attention_mask_bt=arr["attention_mask"])
-    out, _ = _gen(model, prompts, pixels, **kw)
+    hooks = steer.steer_hooks(v, 1.0, apply=apply, attention_mask_bt=arr["attention_mask"])
+    out, _ = _gen(model, prompts, pixels, hooks=hooks)
     tokens = np.asarray(out.tokens)
     full_ids = jnp.concatenate([ids, jnp.asarray(tokens)], axis=1)
     full_mask = jnp.concatenate([mask, jnp.ones((b, n_new), jnp.int32)], axis=1)
@@ -157,21 +157,21 @@ def test_kv_cache_generation_matches_full_forward(pair):
       s_mask = full_mask
     else:
       s_mask = jnp.zeros((b, p + n_new), jnp.int32).at[:, p - 1:].set(1)
-    steer_in = dict(steer_vectors=jnp.asarray(kw["steer_vectors"]), steer_alpha=kw["steer_alpha"])
-    full, _, _ = model(full_ids, pix, attention_mask_bt=full_mask, steer_mask_bt=s_mask, **steer_in)
+    steer_in = Hooks(steer_vectors=jnp.asarray(hooks.steer_vectors), steer_alpha=hooks.steer_alpha)
+    full, _, _ = model(full_ids, pix, attention_mask_bt=full_mask, hooks=steer_in.replace(steer_mask_bt=s_mask))
     full = np.asarray(full)[:, p - 1:p - 1 + n_new]               # logits predicting new tokens 0..n-1
     np.testing.assert_allclose(np.asarray(out.first_logits), full[:, 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(tokens, full.argmax(-1))
     # Every decode step's logits from the cache (the loop generate runs, unrolled here to see each step).
     cache = model.init_cache(b, p + n_new)
-    prompt_mask = mask if apply == "all" else jnp.asarray(kw["steer_prompt_mask"])
-    step, cache, _ = model(ids, pix, attention_mask_bt=mask, kv_cache=cache, steer_mask_bt=prompt_mask,
-                           logits="last", **steer_in)
+    prompt_mask = mask if apply == "all" else jnp.asarray(hooks.steer_mask_bt)
+    step, cache, _ = model(ids, pix, attention_mask_bt=mask, kv_cache=cache,
+                           hooks=steer_in.replace(steer_mask_bt=prompt_mask), logits="last")
     cached = [np.asarray(step)]
     ones = jnp.ones((b, 1), jnp.int32)
     for k in range(n_new - 1):
       step, cache, _ = model(jnp.asarray(tokens[:, k:k + 1]), None, attention_mask_bt=ones, kv_cache=cache,
-                             steer_mask_bt=ones, logits="last", **steer_in)
+                             hooks=steer_in.replace(steer_mask_bt=ones), logits="last")
       cached.append(np.asarray(step))
     np.testing.assert_allclose(np.stack(cached, 1), full, rtol=1e-5, atol=1e-5)
     # The steering really changes these logits (so the comparisons above can fail).

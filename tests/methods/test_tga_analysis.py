@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from vlsafe_jax.methods.tga import analysis as A
+from vlsafe_jax.models.hooks import Hooks
 
 
 def test_ranks_and_layers_match_numpy():
@@ -55,7 +56,8 @@ def test_analyze_tiny_model(tmp_path):
   for k, it in enumerate(items[:2]):
     p = VP.build_prompt(tok, tga_synthetic.DESCRIBE_TEXT.format(it.caption), template="llava_v1",
                         num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index)
-    _, _, ex = model(jnp.asarray(p.input_ids[None]), jnp.zeros((1, 16, 16, 3)), output_hidden_states=True)
+    _, _, ex = model(jnp.asarray(p.input_ids[None]), jnp.zeros((1, 16, 16, 3)),
+                     hooks=Hooks(output_hidden_states=True))
     for l in (1, 2, 3):
       pr = np.asarray(jax.nn.softmax(lm.logits_from_hidden(lm.model.norm(ex["hidden_states"][l][:, -1])), -1))[0]
       ranks[k, l - 1] = min(int((pr > pr[i]).sum()) for i in ids)

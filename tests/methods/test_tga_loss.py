@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vlsafe_jax.methods.tga import loss as L
+from vlsafe_jax.models.hooks import Hooks
 
 
 def _np_terms(v, r, c, m, rho, cfg):
@@ -160,8 +161,8 @@ def test_scan_masked_means_equal_returned_hidden_states():
   masks[0, 1, 4:8] = 1
   masks[1, 0, 2:4] = 1
   masks[1, 1, 3:7] = 1
-  _, _, ex = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(att), output_hidden_states=True,
-                   hidden_masks_bmt=jnp.asarray(masks))
+  _, _, ex = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(att),
+                   hooks=Hooks(output_hidden_states=True, hidden_masks_bmt=jnp.asarray(masks)))
   hs = ex["hidden_states"]                           # (L + 1, B, T, D)
   got = ex["hidden_masked_means"]                    # (B, L, M, D)
   for k in (1, 2, 3):

@@ -11,6 +11,7 @@ import pytest
 from _llama_hf import PAD, VOCAB, add_steering_hooks, build_hf, padded_batch
 from vlsafe_jax.models import decoding as D
 from vlsafe_jax.models import llama as L
+from vlsafe_jax.models.hooks import Hooks
 
 pytestmark = pytest.mark.torch
 
@@ -125,12 +126,12 @@ def test_steered_generation_matches_hf_hooks_and_zero_is_identity(pair):
   finally:
     for h in handles:
       h.remove()
-  out = D.generate_text(model, ids, mask, max_new_tokens=NEW, eos_token_id=(), steer_vectors=v_bld,
-                        steer_alpha=alpha)
+  out = D.generate_text(model, ids, mask, max_new_tokens=NEW, eos_token_id=(),
+                        hooks=Hooks(steer_vectors=v_bld, steer_alpha=alpha))
   np.testing.assert_array_equal(np.asarray(out.tokens), ref)
   plain = D.generate_text(model, ids, mask, max_new_tokens=NEW, eos_token_id=())
-  zero = D.generate_text(model, ids, mask, max_new_tokens=NEW, eos_token_id=(), steer_vectors=0 * v_bld,
-                         steer_alpha=alpha)
+  zero = D.generate_text(model, ids, mask, max_new_tokens=NEW, eos_token_id=(),
+                         hooks=Hooks(steer_vectors=0 * v_bld, steer_alpha=alpha))
   np.testing.assert_array_equal(np.asarray(zero.tokens), np.asarray(plain.tokens))
   assert not np.array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
 

@@ -16,6 +16,7 @@ from flax import nnx
 from _llama_hf import HF_KWARGS, PAD, VOCAB, add_steering_hooks, build_hf, hf_positions, padded_batch
 from vlsafe_jax import sharding
 from vlsafe_jax.models import llama as L
+from vlsafe_jax.models.hooks import Hooks
 
 RTOL = ATOL = 1e-5
 
@@ -73,7 +74,7 @@ def test_hidden_states_match_hf_output_hidden_states(pair):
   _, hf, model, _ = pair
   ids, mask = padded_batch([9, 5], 9, seed=3)
   ref = _hf_forward(hf, ids, mask, output_hidden_states=True).hidden_states
-  _, _, extras = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask), output_hidden_states=True)
+  _, _, extras = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask), hooks=Hooks(output_hidden_states=True))
   hs = np.asarray(extras["hidden_states"])
   n_layers = model.config.num_hidden_layers
   assert hs.shape[0] == n_layers + 1 == len(ref)
@@ -92,9 +93,10 @@ def test_steering_zero_is_identity_and_nonzero_matches_hf_hooks(pair):
   name, hf, model, _ = pair
   cfg = model.config
   ids, mask = padded_batch([8, 5], 8, seed=5)
-  base, _, base_ex = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask), output_hidden_states=True)
+  base, _, base_ex = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask),
+                           hooks=Hooks(output_hidden_states=True))
   zero, _, _ = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask),
-                     steer_vectors=jnp.zeros((cfg.num_hidden_layers, cfg.hidden_size)), steer_alpha=0.7)
+                     hooks=Hooks(steer_vectors=jnp.zeros((cfg.num_hidden_layers, cfg.hidden_size)), steer_alpha=0.7))
   np.testing.assert_allclose(np.asarray(zero), np.asarray(base), rtol=1e-6, atol=1e-6)
 
   rs = np.random.RandomState(0)
@@ -111,9 +113,9 @@ def test_steering_zero_is_identity_and_nonzero_matches_hf_hooks(pair):
     for h in handles:
       h.remove()
   logits, _, extras = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask),
-                            steer_vectors=v_bld[0] if name == "mistral" else v_bld,
-                            steer_mask_bt=jnp.asarray(steer_mask), steer_alpha=jnp.float32(alpha),
-                            output_hidden_states=True)
+                            hooks=Hooks(steer_vectors=v_bld[0] if name == "mistral" else v_bld,
+                                        steer_mask_bt=jnp.asarray(steer_mask), steer_alpha=jnp.float32(alpha),
+                                        output_hidden_states=True))
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[valid], ref.logits.numpy()[valid], rtol=RTOL, atol=ATOL)
   # (HF records hidden_states before user hooks run, so check layer 1's output against its definition.)
@@ -154,8 +156,9 @@ def test_captures_at_positions_and_masked_means_equal_hidden_states(pair):
   masks_bmt[0, 0, 2:5] = 1
   masks_bmt[1, 0, 4:9] = 1
   masks_bmt[:, 1, -1] = 1
-  _, _, ex = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask), output_hidden_states=True,
-                   hidden_positions_bp=pos_bp, hidden_masks_bmt=jnp.asarray(masks_bmt))
+  _, _, ex = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask),
+                   hooks=Hooks(output_hidden_states=True, hidden_positions_bp=pos_bp,
+                               hidden_masks_bmt=jnp.asarray(masks_bmt)))
   hs = np.asarray(ex["hidden_states"])[1:]                                        # (L, B, T, D)
   n_layers = model.config.num_hidden_layers
   chex.assert_shape(ex["hidden_at_positions"], (2, n_layers, 2, model.config.hidden_size))
@@ -165,8 +168,8 @@ def test_captures_at_positions_and_masked_means_equal_hidden_states(pair):
   want = np.einsum("bmt,lbtd->blmd", masks_bmt, hs) / masks_bmt.sum(-1)[:, None, :, None]
   np.testing.assert_allclose(np.asarray(ex["hidden_masked_means"]), want, rtol=1e-5, atol=1e-6)
   # A truncated stack (TGA reference pass) returns the same layer outputs and no logits.
-  logits, _, ex2 = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask), num_layers=1,
-                         hidden_masks_bmt=jnp.asarray(masks_bmt))
+  logits, _, ex2 = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask),
+                         hooks=Hooks(num_layers=1, hidden_masks_bmt=jnp.asarray(masks_bmt)))
   assert logits is None
   np.testing.assert_allclose(np.asarray(ex2["hidden_masked_means"]), want[:, :1], rtol=1e-5, atol=1e-6)
 
@@ -287,7 +290,8 @@ def test_bad_inputs_raise_named_errors(pair):
   with pytest.raises(ValueError, match="attention_mask shape"):
     model(jnp.zeros((2, 5), jnp.int32), attention_mask_bt=jnp.ones((2, 4), jnp.int32))
   with pytest.raises(ValueError, match="steer_vectors must be"):
-    model(jnp.zeros((2, 5), jnp.int32), steer_vectors=jnp.zeros((cfg.num_hidden_layers + 1, cfg.hidden_size)))
+    model(jnp.zeros((2, 5), jnp.int32),
+          hooks=Hooks(steer_vectors=jnp.zeros((cfg.num_hidden_layers + 1, cfg.hidden_size))))
   with pytest.raises(ValueError, match="model_type"):
     L.LlamaConfig.from_hf({"model_type": "clip"})
 

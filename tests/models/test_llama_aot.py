@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from vlsafe_jax import sharding
+from vlsafe_jax import perf, sharding
 from vlsafe_jax.models import decoding as D
 from vlsafe_jax.models import llama as L
 
@@ -26,7 +26,7 @@ def test_7b_generate_compiles_sharded_and_fits_80gb(mesh_shape):
                                             rngs=nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abstract)
   n_params = sum(x.size for x in jax.tree.leaves(abs_state))
-  assert n_params == L.llama_param_count(cfg)
+  assert n_params == perf.llama_param_count(cfg)
   assert 6.7e9 < n_params < 6.8e9                                # Vicuna-7B with LLaVA's 32064 vocab
   mesh = sharding.make_mesh(**mesh_shape)
   shardings = sharding.state_shardings(abs_state, mesh)

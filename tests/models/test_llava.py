@@ -12,6 +12,7 @@ import pytest
 from _llava_hf import IMAGE_SIZE, IMAGE_TOKEN, N_IMG, PAD, VOCAB, build_hf, hf_positions, nchw, pad_rows, prompt
 from vlsafe_jax.models import decoding
 from vlsafe_jax.models import llava as LV
+from vlsafe_jax.models.hooks import Hooks
 
 RTOL = ATOL = 1e-5
 
@@ -106,7 +107,7 @@ def test_hidden_states_and_zero_steering(pair):
   ref = _hf_logits(hf, ids, mask, pixels, output_hidden_states=True).hidden_states
   last = np.full((len(rows), 1), ids.shape[1] - 1)
   base, _, ex = model(jnp.asarray(ids), jnp.asarray(pixels), attention_mask_bt=jnp.asarray(mask),
-                      output_hidden_states=True, hidden_positions_bp=jnp.asarray(last))
+                      hooks=Hooks(output_hidden_states=True, hidden_positions_bp=jnp.asarray(last)))
   hs = np.asarray(ex["hidden_states"])
   n = model.config.text_config.num_hidden_layers
   assert hs.shape[0] == n + 1 == len(ref)
@@ -122,13 +123,13 @@ def test_hidden_states_and_zero_steering(pair):
   d = model.config.text_config.hidden_size
   for v in (jnp.zeros((n, d)), jnp.zeros((len(rows), n, d))):
     steered, _, _ = model(jnp.asarray(ids), jnp.asarray(pixels), attention_mask_bt=jnp.asarray(mask),
-                          steer_vectors=v, steer_alpha=1.0)
+                          hooks=Hooks(steer_vectors=v, steer_alpha=1.0))
     np.testing.assert_array_equal(np.asarray(steered), np.asarray(base))
   # A non-zero vector on the last layer shifts the final residual by exactly alpha * v.
   v = np.zeros((n, d), np.float32)
   v[-1] = np.linspace(-1, 1, d)
   _, _, ex2 = model(jnp.asarray(ids), jnp.asarray(pixels), attention_mask_bt=jnp.asarray(mask),
-                    steer_vectors=jnp.asarray(v), steer_alpha=0.5, output_hidden_states=True)
+                    hooks=Hooks(steer_vectors=jnp.asarray(v), steer_alpha=0.5, output_hidden_states=True))
   np.testing.assert_allclose(np.asarray(ex2["hidden_states"][-1])[valid], hs[-1][valid] + 0.5 * v[-1],
                              rtol=1e-6, atol=1e-6)
 
@@ -249,8 +250,8 @@ def test_steered_generation_new_tokens_only_matches_hf_hooks(llama_pair):
       h.remove()
   last_only = np.zeros_like(mask)
   last_only[:, -1] = 1
-  out = LV.generate(model, ids, pixels, mask, max_new_tokens=20, eos_token_id=(), steer_vectors=v_bld,
-                    steer_alpha=alpha, steer_prompt_mask=last_only, steer_decode=True)
+  out = LV.generate(model, ids, pixels, mask, max_new_tokens=20, eos_token_id=(),
+                    hooks=Hooks(steer_vectors=v_bld, steer_alpha=alpha, steer_mask_bt=last_only, steer_decode=1))
   np.testing.assert_array_equal(np.asarray(out.tokens), ref[:, ids.shape[1]:].numpy())
   plain = LV.generate(model, ids, pixels, mask, max_new_tokens=20, eos_token_id=())
   assert not np.array_equal(np.asarray(plain.tokens), np.asarray(out.tokens))   # the steering mattered

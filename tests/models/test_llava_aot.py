@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from vlsafe_jax import sharding
-from vlsafe_jax.models import llama as L
+from vlsafe_jax import perf, sharding
 from vlsafe_jax.models import llava as LV
 
 
@@ -27,7 +26,7 @@ def test_llava_7b_prefill_compiles_fsdp8_and_fits_80gb():
   n_params = sum(x.size for x in jax.tree.leaves(abs_state))
   # 6.74 B decoder (vocab 32064) + 303.5 M ViT-L/14-336 tower + 21 M projector (1024*4096 + 4096^2 + biases).
   proj = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
-  assert n_params - L.llama_param_count(cfg.text_config) - proj == pytest.approx(303.5e6, rel=0.01)
+  assert n_params - perf.llama_param_count(cfg.text_config) - proj == pytest.approx(303.5e6, rel=0.01)
   mesh = sharding.make_mesh(data=1, fsdp=8, model=1)
   shardings = sharding.state_shardings(abs_state, mesh)
   abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)

@@ -25,6 +25,7 @@ from vlsafe_jax.data import synthetic_vlm, tga_synthetic
 from vlsafe_jax.methods.tga import loss as L
 from vlsafe_jax.models.llava import Llava
 from vlsafe_jax.train import tga_trainer as T
+from vlsafe_jax.models.hooks import Hooks
 
 TOL = 1e-5
 
@@ -101,14 +102,14 @@ def test_reference_pass_has_no_gradient_and_in_scan_means(tiny):
   # Reference-pass means (truncated at layer 3, in-scan) == means over the full model's returned hidden states.
   c = T.caption_means(model, b, (1, 3))
   _, _, ex = model.language_model(b["ref_ids"], attention_mask_bt=b["ref_attention_mask"],
-                                  output_hidden_states=True)
+                                  hooks=Hooks(output_hidden_states=True))
   for j, k in enumerate((1, 3)):
     want = L.masked_mean(ex["hidden_states"][k], b["caption_mask"])
     np.testing.assert_allclose(np.asarray(c[:, j]), np.asarray(want), rtol=TOL, atol=TOL)
   # Image means of the training pass (per-row scatter) == means over returned hidden states.
   x = T.embed_rows(model, b["input_ids"], b["pixels"])
   _, _, ex2 = model.language_model(inputs_embeds_btd=x, attention_mask_bt=b["attention_mask"],
-                                   output_hidden_states=True, hidden_masks_bmt=b["image_mask"][:, None])
+                                   hooks=Hooks(output_hidden_states=True, hidden_masks_bmt=b["image_mask"][:, None]))
   np.testing.assert_allclose(np.asarray(ex2["hidden_masked_means"][:, 1, 0]),
                              np.asarray(L.masked_mean(ex2["hidden_states"][2], b["image_mask"])), rtol=TOL, atol=TOL)
 

@@ -109,7 +109,7 @@ def decode_rows(results, b: int, p_len: int, n_new: int, text_cfg, bytes_per: in
     row = [side, b, p_len, n_new, tp.median * 1e3, b * p_len / tp.median, tg.median, tok_s]
     bw = None
     if b == 1:
-      bw = L.llama_decode_bytes(text_cfg, p_len + n_new // 2, bytes_per) * tok_s
+      bw = perf.llama_decode_bytes(text_cfg, p_len + n_new // 2, bytes_per) * tok_s
       peak = perf.device_peak()
       row.append(f"{bw / 1e9:.2f} GB/s" + (f" ({bw / (peak[1] * 1e12):.0%} of peak)" if peak else ""))
     else:

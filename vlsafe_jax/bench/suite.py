@@ -67,7 +67,6 @@ from vlsafe_jax.bench import tga_step
 from vlsafe_jax.bench import uwm as uwm_bench
 from vlsafe_jax.models import attention
 from vlsafe_jax.models import clip as C
-from vlsafe_jax.models import llama as L
 from vlsafe_jax.models import llava as LV
 from vlsafe_jax.train import hysac_trainer, tga_trainer
 
@@ -291,9 +290,9 @@ def plan(preset: str) -> list[Row]:
     ctx = p_len + n_new // 2
     rows.append(Row(f"llava_decode_b{b}", "llava", "W7",
                     {"batch": b, "prompt": p_len, "new_tokens": n_new, "kv_cache_len": p_len + n_new}, lv["dtype"],
-                    "tok/s", b, b * L.llama_prefill_flops(t_cfg, 1), "2 FLOP/MAC per token and parameter (+ LM head)",
+                    "tok/s", b, b * perf.llama_prefill_flops(t_cfg, 1), "2 FLOP/MAC per token and parameter (+ LM head)",
                     _mem(weights=n_llava * nb, kv_cache=kv(b, p_len + n_new), inputs=px(b)),
-                    decode_bytes=L.llama_decode_bytes(t_cfg, ctx, nb, batch=b),
+                    decode_bytes=perf.llama_decode_bytes(t_cfg, ctx, nb, batch=b),
                     attention_gpu={"llama": _gpu_attention("llama", lv["dtype"], (b, 1, heads, hd),
                                                            (b, p_len + n_new, kvh, hd), True)}))
   cm = P["cmrm"]
@@ -305,7 +304,7 @@ def plan(preset: str) -> list[Row]:
                     {"batch": b, "new_tokens": n_new_c, "prompt_max": cm_prompt, "level": level}, lv["dtype"],
                     "tok/s", b * n_new_c,
                     b * LV.llava_prefill_flops(lcfg, cm_prompt - lcfg.num_image_tokens) +
-                    b * n_new_c * L.llama_prefill_flops(t_cfg, 1) + extra,
+                    b * n_new_c * perf.llama_prefill_flops(t_cfg, 1) + extra,
                     "greedy generate: prefill + decode" + (" + 2 extraction prefills per row" if extra else ""),
                     _mem(weights=n_llava * nb, kv_cache=kv(b, cm_prompt + n_new_c), inputs=px(b))))
 

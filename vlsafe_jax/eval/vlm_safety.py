@@ -255,8 +255,8 @@ def generate_responses(model, tokenizer, items: Sequence[SafetyItem], *, batch_s
   Args:
     model: :class:`vlsafe_jax.models.llava.Llava`. tokenizer: HF-style (see ``vlm_prompts.build_prompt``).
     use_images: False = text-only prompts for every item (the image span deleted).
-    steer_fn: ``PromptBatch -> extra llava.generate kwargs`` (``steer_vectors``, ``steer_alpha``,
-      ``steer_prompt_mask``, ``steer_decode``...); None = unsteered.
+    steer_fn: ``PromptBatch -> extra llava.generate kwargs`` (``{"hooks": models.hooks.Hooks(...)}``, steering
+      vectors, alpha, prompt mask); None = unsteered.
     generate_kwargs: passed to :func:`vlsafe_jax.models.llava.generate` (``min_bucket``, ``bucket_step``, ...).
   """
   from vlsafe_jax.models import llava as llava_lib

@@ -3,8 +3,9 @@
 One compiled function per (batch, prompt-length bucket, max_new_tokens, greedy/sampling): a prefill over the
 left-padded prompt fills a preallocated KV cache of ``bucket + max_new_tokens`` slots, then a ``lax.while_loop``
 decodes one token per iteration inside the same program (no host round trip, no recompilation per step) and
-exits early once every row has emitted EOS. Sampling knobs (temperature, top-k, top-p), the seed, the steering
-vectors / alpha / masks are traced arguments, so changing them never recompiles.
+exits early once every row has emitted EOS. Sampling knobs (temperature, top-k, top-p), the seed and the steering
+:class:`~vlsafe_jax.models.hooks.Hooks` (vectors, alpha, masks) are traced arguments, so changing them never
+recompiles.
 
 Conventions: prompts are left-padded (``attention_mask`` 0 on the left); :func:`generate_text` pads prompts
 further on the left up to the bucket length (:func:`bucket_length`), which changes nothing numerically because
@@ -24,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from vlsafe_jax.models.hooks import Hooks
 
 # Python-side trace counter of the compiled generate program, keyed by "generate"; tests use it to prove that
 # prompts of one bucket share a compilation.
@@ -84,24 +87,16 @@ def _select(logits_bv, key, do_sample, temperature, top_k, top_p):
   return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
 
-def _steer_kwargs(steer: dict | None, mask_bt: jax.Array | None) -> dict:
-  if steer is None:
-    return {}
-  return dict(steer_vectors=steer["vectors"], steer_alpha=steer["alpha"], steer_mask_bt=mask_bt)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos_ids", "pad_id"),
                    )
-def _generate_jit(graphdef, state, input_ids_bt, inputs_embeds_btd, mask_bt, steer, key, temperature, top_k,
+def _generate_jit(graphdef, state, input_ids_bt, inputs_embeds_btd, mask_bt, hooks, key, temperature, top_k,
                   top_p, *, max_new_tokens: int, do_sample: bool, eos_ids: tuple[int, ...], pad_id: int):
   TRACE_COUNTS["generate"] += 1
   model = nnx.merge(graphdef, state)
   b, p = mask_bt.shape
   cache = model.init_cache(b, p + max_new_tokens)
-  prompt_steer = None if steer is None else steer["prompt_mask"]
-  first_logits, cache, _ = model(
-      input_ids_bt, inputs_embeds_btd=inputs_embeds_btd, attention_mask_bt=mask_bt, kv_cache=cache,
-      logits="last", **_steer_kwargs(steer, prompt_steer))
+  first_logits, cache, _ = model(input_ids_bt, inputs_embeds_btd=inputs_embeds_btd, attention_mask_bt=mask_bt,
+                                 kv_cache=cache, hooks=hooks, logits="last")
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   def pick(logits_bv, step):
@@ -119,9 +114,10 @@ def _generate_jit(graphdef, state, input_ids_bt, inputs_embeds_btd, mask_bt, ste
   def body(carry):
     step, tok_b, done_b, tokens, lengths_b, cache = carry
     ones_b1 = jnp.ones((b, 1), jnp.int32)
-    decode_steer = None if steer is None else ones_b1 * steer["decode"]
-    logits_bv, cache, _ = model(tok_b[:, None], attention_mask_bt=ones_b1, kv_cache=cache, logits="last",
-                                **_steer_kwargs(steer, decode_steer))
+    # A generated token is steered iff steer_decode (0/1) says so: the hooks' mask becomes that column.
+    step_hooks = None if hooks is None else hooks.replace(steer_mask_bt=ones_b1 * hooks.steer_decode)
+    logits_bv, cache, _ = model(tok_b[:, None], attention_mask_bt=ones_b1, kv_cache=cache, hooks=step_hooks,
+                                logits="last")
     new_b = pick(logits_bv, step)
     new_b = jnp.where(done_b, pad_id, new_b)                 # finished rows only emit padding
     tokens = jax.lax.dynamic_update_slice(tokens, new_b[:, None], (0, step))
@@ -137,8 +133,7 @@ def _generate_jit(graphdef, state, input_ids_bt, inputs_embeds_btd, mask_bt, ste
 def generate(model, *, attention_mask, input_ids=None, inputs_embeds=None, max_new_tokens: int = 32,
              eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int | jax.Array = 0, steer_vectors=None, steer_alpha=1.0, steer_prompt_mask=None,
-             steer_decode: bool | float = True) -> GenerateOutput:
+             seed: int | jax.Array = 0, hooks: Hooks | None = None) -> GenerateOutput:
   """Generates ``max_new_tokens`` tokens for a left-padded batch (no bucketing; see :func:`generate_text`).
 
   Args:
@@ -148,8 +143,9 @@ def generate(model, *, attention_mask, input_ids=None, inputs_embeds=None, max_n
     eos_token_id / pad_token_id: default from the model config (pad falls back to the first EOS, then 0).
     do_sample: False = greedy (static); True = sample with temperature / top_k (0 = off) / top_p (traced).
     seed: int or PRNG key; the same seed gives the same tokens.
-    steer_vectors: optional (L, D) or (B, L, D); ``steer_alpha`` scalar; ``steer_prompt_mask`` (B, P) where to
-      steer the prompt (default: every real prompt token); ``steer_decode``: steer each generated token.
+    hooks: optional steering :class:`~vlsafe_jax.models.hooks.Hooks`: ``steer_vectors`` (L, D) or (B, L, D),
+      ``steer_alpha``, ``steer_mask_bt`` (B, P) where to steer the prompt (default: every real prompt token),
+      ``steer_decode`` (steer each generated token). Captures are not supported (generate returns none).
   Returns: :class:`GenerateOutput`.
   """
   cfg = model.config
@@ -165,16 +161,21 @@ def generate(model, *, attention_mask, input_ids=None, inputs_embeds=None, max_n
       tuple(eos_token_id) if isinstance(eos_token_id, (tuple, list)) else (int(eos_token_id),))
   pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
   pad = int(pad if pad is not None else (eos[0] if eos else 0))
-  steer = None
-  if steer_vectors is not None:
-    steer = {"vectors": jnp.asarray(steer_vectors, jnp.float32), "alpha": jnp.asarray(steer_alpha, jnp.float32),
-             "prompt_mask": mask if steer_prompt_mask is None else jnp.asarray(steer_prompt_mask, jnp.int32),
-             "decode": jnp.asarray(steer_decode, jnp.int32)}
+  steer_hooks = None
+  if hooks is not None:
+    if hooks.captures or hooks.num_layers is not None:
+      raise ValueError("generate takes steering hooks only (captures and num_layers are forward-pass hooks)")
+    if hooks.steers:
+      # Fixed dtypes, so Python and array values of alpha / decode share one compilation.
+      prompt_mask = mask if hooks.steer_mask_bt is None else jnp.asarray(hooks.steer_mask_bt, jnp.int32)
+      steer_hooks = Hooks(steer_vectors=jnp.asarray(hooks.steer_vectors, jnp.float32),
+                          steer_alpha=jnp.asarray(hooks.steer_alpha, jnp.float32), steer_mask_bt=prompt_mask,
+                          steer_decode=jnp.asarray(hooks.steer_decode, jnp.int32))
   key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
   graphdef, state = nnx.split(model)
   return _generate_jit(
       graphdef, state, None if input_ids is None else jnp.asarray(input_ids, jnp.int32),
-      inputs_embeds, mask, steer, key, jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+      inputs_embeds, mask, steer_hooks, key, jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
       jnp.asarray(top_p, jnp.float32), max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
       eos_ids=eos, pad_id=pad)
 
@@ -196,14 +197,28 @@ def left_pad(rows: list[list[int]] | np.ndarray, mask: np.ndarray | None, length
   return out_ids, out_mask
 
 
+def repad_steer_mask(hooks: Hooks | None, mask: np.ndarray | None, length: int) -> Hooks | None:
+  """``hooks`` with its prompt steering mask re-padded like the prompts (:func:`left_pad` to ``length``).
+
+  ``mask`` is the prompts' original attention mask (None for token lists, which carry no steering mask).
+  """
+  if hooks is None or hooks.steer_mask_bt is None:
+    return hooks
+  if mask is None:
+    raise ValueError("a steering mask (hooks.steer_mask_bt) needs input_ids as an array with attention_mask")
+  steer_mask, _ = left_pad(np.asarray(hooks.steer_mask_bt), mask, length, 0)
+  return hooks.replace(steer_mask_bt=steer_mask)
+
+
 def generate_text(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, min_bucket: int = 16,
-                  bucket_step: int = 64, steer_prompt_mask=None, **kwargs) -> GenerateOutput:
+                  bucket_step: int = 64, hooks: Hooks | None = None, **kwargs) -> GenerateOutput:
   """Text-only generation with prompt-length bucketing (one compilation per bucket).
 
   Args:
     input_ids: (B, T) array (left- or right-padded, with ``attention_mask``) or a list of token lists.
     attention_mask: (B, T) 1 = real token; required for padded arrays.
-    steer_prompt_mask: (B, T) aligned with ``input_ids``; re-padded with the prompts.
+    hooks: steering hooks (see :func:`generate`); ``steer_mask_bt`` (B, T) is aligned with ``input_ids`` and
+      re-padded with the prompts.
     kwargs: see :func:`generate`.
   """
   if isinstance(input_ids, (list, tuple)) and attention_mask is None:
@@ -218,13 +233,9 @@ def generate_text(model, input_ids, attention_mask=None, *, max_new_tokens: int 
   length = bucket_length(n, min_bucket=min_bucket, step=bucket_step)
   pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
   ids, new_mask = left_pad(rows, mask, length, pad)
-  if steer_prompt_mask is not None:
-    if mask is None:
-      raise ValueError("steer_prompt_mask needs input_ids as an array with attention_mask")
-    steer_prompt_mask, _ = left_pad(np.asarray(steer_prompt_mask), mask, length, 0)
   return generate(model, input_ids=ids, attention_mask=new_mask, max_new_tokens=max_new_tokens,
-                  steer_prompt_mask=steer_prompt_mask, **kwargs)
+                  hooks=repad_steer_mask(hooks, mask, length), **kwargs)
 
 
 __all__ = ["generate", "generate_text", "GenerateOutput", "sample_token", "bucket_length", "left_pad",
-           "TRACE_COUNTS"]
+           "repad_steer_mask", "TRACE_COUNTS"]

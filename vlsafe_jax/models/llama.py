@@ -21,13 +21,11 @@ Positions and padding: batches are **left-padded**. ``attention_mask`` (B, T) ma
 is preallocated (:class:`KVCache`, layer-major ``(L, B, S, K, H)`` so the layer scan slices it with one dynamic
 index); all rows write the same slot ``cache.index``, so left-padded prompts stay right-aligned.
 
-Hooks (no monkey-patching; ``cmrm.md`` §4, ``tga.md`` §4.2), all traced arrays so changing them never recompiles:
-* steering: ``steer_vectors`` (L, D) shared or (B, L, D) per example, ``steer_mask_bt`` (B, T) and scalar
-  ``steer_alpha``: layer l's residual output becomes ``h + alpha * mask[..., None] * v_l`` *before* it feeds layer
-  l+1 (whose K/V are cached), and before the final norm for the last layer;
-* captures (returned in ``extras``): every layer's residual output at all positions (``output_hidden_states``),
-  gathered at per-example positions (``hidden_positions_bp``), or float32 masked means over token sets
-  (``hidden_masks_bmt``) accumulated inside the scan.
+Hooks (no monkey-patching; ``cmrm.md`` §4, ``tga.md`` §4.2) come as one :class:`~vlsafe_jax.models.hooks.Hooks`
+pytree (``hooks=``): additive per-layer steering vectors on a position mask, which flow into the KV cache, and
+captures of every layer's residual output (all positions, per-example positions, or float32 masked means
+accumulated inside the scan). The steering vectors ride the layer scan as stacked inputs, captures leave it as
+stacked outputs; the block itself (:class:`LlamaDecoderLayer`) knows nothing about them.
 
 Model code never reads files: ``Llama.from_pretrained`` hands ``Llama`` and ``LlamaConfig`` to the generic loader
 (``checkpoints_convert.llama.LLAMA_FAMILY``: HF directories; ``vlsafe_jax.model_io``: converted directories).
@@ -48,6 +46,7 @@ from checkpoints_convert.llama import LLAMA_FAMILY
 from vlsafe_jax import sharding
 from vlsafe_jax.models import attention
 from vlsafe_jax.models.config_fields import check_field_types
+from vlsafe_jax.models.hooks import NO_HOOKS, Hooks
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -260,36 +259,6 @@ def positions_from_mask(mask_bt: jax.Array, offset_b: jax.Array | int = 0) -> ja
   return jnp.where(m > 0, pos, 0).astype(jnp.int32)
 
 
-def llama_param_count(cfg: LlamaConfig, *, include_embeddings: bool = True) -> int:
-  """Number of parameters (untied LM head counted once more unless tied)."""
-  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-  n, k = cfg.num_attention_heads, cfg.num_key_value_heads
-  per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f + 2 * d
-  total = cfg.num_hidden_layers * per_layer + d
-  if include_embeddings:
-    total += cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
-  return total
-
-
-def llama_prefill_flops(cfg: LlamaConfig, seq_len: int) -> float:
-  """Analytic forward FLOPs for one sequence of ``seq_len`` tokens (perf.md: 2/MAC, matmuls + attention
-  ``QK^T`` and ``PV`` without causal discount, LM head over every position)."""
-  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-  n, k = cfg.num_attention_heads, cfg.num_key_value_heads
-  t = seq_len
-  macs = cfg.num_hidden_layers * (t * (d * n * h * 2 + d * k * h * 2 + 3 * d * f) + 2 * t * t * n * h)
-  macs += t * d * cfg.vocab_size
-  return 2.0 * macs
-
-
-def llama_decode_bytes(cfg: LlamaConfig, context_len: int, bytes_per_param: int = 2, batch: int = 1) -> float:
-  """Bytes read per decode step: every weight once (embedding rows ignored when untied) plus the K/V cache of
-  ``context_len`` tokens for ``batch`` rows (perf.md §2: bandwidth, not MFU, for batch-1 decode)."""
-  weights = llama_param_count(cfg) - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-  kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context_len * batch
-  return float((weights + kv) * bytes_per_param)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # KV cache
 # --------------------------------------------------------------------------------------------------------------
@@ -400,6 +369,32 @@ class LlamaDecoderLayer(nnx.Module):
                                                  rngs=rngs)
     self.mlp = LlamaMLP(cfg, **kw)
 
+  def __call__(self, x_btd: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array, mask_b1ts: jax.Array,
+               cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
+    """One block on the residual stream x (B, T, D) with RoPE tables (B, T, H) and the attention mask (B, 1, T, S).
+
+    ``cache``: None (the T new tokens attend among themselves, S = T), or ``(k, v, layer, slot)``: the stacked
+    cache arrays (L, B, S, K, H) of the layer scan's carry, this layer's index and the slot of the first new
+    token. The new keys/values are written there (an in-place update of the carry) and this layer's row is read.
+    Returns ``(x_btd, kv)``: the block output in x's dtype and the updated cache arrays ``(k, v)`` (None without
+    a cache).
+    """
+    attn = self.self_attn
+    h_btd = self.input_layernorm(x_btd)
+    k_new, v_new = attn.project_kv(h_btd, cos_bth, sin_bth)
+    kv = None
+    if cache is None:
+      k_all, v_all = k_new, v_new
+    else:
+      # Write only the new tokens into the full cache (in-place DUS on the scan carry), then read this layer.
+      ck, cv, layer, slot = cache
+      ck = jax.lax.dynamic_update_slice(ck, k_new.astype(ck.dtype)[None], (layer, 0, slot, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v_new.astype(cv.dtype)[None], (layer, 0, slot, 0, 0))
+      k_all, v_all, kv = ck[layer], cv[layer], (ck, cv)
+    x_btd = x_btd + attn.attend(h_btd, cos_bth, sin_bth, k_all, v_all, mask_b1ts).astype(x_btd.dtype)
+    x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd)).astype(x_btd.dtype)
+    return x_btd, kv
+
 
 class LlamaModel(nnx.Module):
   """HF ``LlamaModel``: embed_tokens -> scanned decoder layers -> norm."""
@@ -421,23 +416,20 @@ class LlamaModel(nnx.Module):
     self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bt: jax.Array, *,
-               kv_cache: KVCache | None = None, steer_vectors=None, steer_mask_bt=None, steer_alpha=1.0,
-               output_hidden_states: bool = False, hidden_positions_bp=None, hidden_masks_bmt=None,
-               num_layers: int | None = None):
+               kv_cache: KVCache | None = None, hooks: Hooks = NO_HOOKS):
     """Runs the stack on embeddings x (B, T, D). See :meth:`Llama.__call__` for the arguments.
 
     Returns ``(h_btd normed, new_cache, extras)``.
     """
     cfg = self.config
     b, t, _ = x_btd.shape
-    n_layers = cfg.num_hidden_layers if num_layers is None else num_layers
-    if not 1 <= n_layers <= cfg.num_hidden_layers:
-      raise ValueError(f"num_layers {num_layers} outside [1, {cfg.num_hidden_layers}]")
+    n_layers = hooks.layers_to_run(cfg.num_hidden_layers)
     # inv_freq is a host-side float32 constant of the config (not state: nothing to convert or shard).
     cos_bth, sin_bth = rope_tables(positions_bt, jnp.asarray(rope_inv_freq(cfg)))
     x_btd = sharding.constrain(x_btd.astype(self.dtype), ("batch", "length", "act_embed"))
 
-    if kv_cache is not None:
+    use_cache = kv_cache is not None
+    if use_cache:
       index = kv_cache.index
       valid_bs = jax.lax.dynamic_update_slice(kv_cache.valid_bs, mask_bt.astype(bool), (0, index))
       mask = attention_mask(index + jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(kv_cache.max_len),
@@ -445,77 +437,32 @@ class LlamaModel(nnx.Module):
     else:
       mask = attention_mask(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(t), mask_bt, cfg.sliding_window)
 
-    steer = steer_vectors is not None
-    if steer:
-      v = jnp.asarray(steer_vectors, jnp.float32)
-      if v.ndim == 2 and v.shape == (cfg.num_hidden_layers, cfg.hidden_size):
-        v_lxd = v[:, None, :]                                  # (L, 1, D): shared by all rows
-      elif v.ndim == 3 and v.shape == (b, cfg.num_hidden_layers, cfg.hidden_size):
-        v_lxd = jnp.swapaxes(v, 0, 1)                          # (L, B, D)
-      else:
-        raise ValueError(f"steer_vectors must be (L, D) = ({cfg.num_hidden_layers}, {cfg.hidden_size}) or "
-                         f"(B, L, D) = ({b}, {cfg.num_hidden_layers}, {cfg.hidden_size}), got {v.shape}")
-      s_mask = mask_bt if steer_mask_bt is None else steer_mask_bt
-      if s_mask.shape != (b, t):
-        raise ValueError(f"steer_mask shape {s_mask.shape} != (batch, length) {(b, t)}")
-      # alpha * mask folded once (float32); the per-layer add casts to the residual dtype (cmrm.md §4.2).
-      s_bt1 = (jnp.asarray(steer_alpha, jnp.float32) * s_mask.astype(jnp.float32))[..., None]
-    if hidden_masks_bmt is not None:
-      hm = hidden_masks_bmt.astype(jnp.float32)
-      hm_denom_bm1 = jnp.maximum(hm.sum(-1, keepdims=True), 1.0)
-
+    # Steering: vectors layer-major (scanned), alpha * mask folded once in float32 (shared by all layers).
+    v_lxd = hooks.layer_vectors(cfg.num_hidden_layers, cfg.hidden_size, b)
+    scale_bt1 = hooks.steer_scale(mask_bt)
     graphdef, layer_state = nnx.split(self.layers)
     layer_state = jax.tree.map(lambda a: a[:n_layers], layer_state)
-    use_cache = kv_cache is not None
 
     def body(carry, xs):
       x, ck, cv = carry
       state_l, i, v_xd = xs
       layer = nnx.merge(graphdef, state_l)
-      attn = layer.self_attn
-      h_btd = layer.input_layernorm(x)
-      k_new, v_new = attn.project_kv(h_btd, cos_bth, sin_bth)
+      x, kv = layer(x, cos_bth, sin_bth, mask, (ck, cv, i, index) if use_cache else None)
       if use_cache:
-        # Write only the new tokens into the full cache (in-place DUS on the loop carry), then read this layer.
-        ck = jax.lax.dynamic_update_slice(ck, k_new.astype(ck.dtype)[None], (i, 0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v_new.astype(cv.dtype)[None], (i, 0, index, 0, 0))
-        k_all, v_all = ck[i], cv[i]
-      else:
-        k_all, v_all = k_new, v_new
-      x = x + attn.attend(h_btd, cos_bth, sin_bth, k_all, v_all, mask).astype(x.dtype)
-      mlp_btd = layer.mlp(layer.post_attention_layernorm(x)).astype(x.dtype)
-      if steer:
-        # One expression with the residual add, so XLA emits a single elementwise fusion for both (the steering
-        # add then costs no extra pass over the residual stream: bench cmrm's <= 3% overhead budget).
-        x = x + (mlp_btd + (s_bt1 * v_xd[:, None, :]).astype(x.dtype))
-      else:
-        x = x + mlp_btd
-      x = sharding.constrain(x, ("batch", "length", "act_embed"))
-      ys = {}
-      if output_hidden_states:
-        ys["hidden"] = x
-      if hidden_positions_bp is not None:
-        ys["at_positions"] = jnp.take_along_axis(x, hidden_positions_bp[..., None].astype(jnp.int32), axis=1)
-      if hidden_masks_bmt is not None:
-        ys["masked_means"] = jnp.einsum("bmt,btd->bmd", hm, x.astype(jnp.float32)) / hm_denom_bm1
-      return (x, ck, cv), ys
+        ck, cv = kv
+      x = sharding.constrain(hooks.steer(x, scale_bt1, v_xd), ("batch", "length", "act_embed"))
+      return (x, ck, cv), hooks.capture(x)
 
     if cfg.remat:
       body = jax.checkpoint(body)
+    # Scan carries must be arrays: a scalar stands in for the cache when there is none.
     dummy = jnp.zeros((), x_btd.dtype)
     ck0 = kv_cache.k if use_cache else dummy
     cv0 = kv_cache.v if use_cache else dummy
-    v_xs = v_lxd[:n_layers] if steer else jnp.zeros((n_layers, 1, 1), jnp.float32)
+    v_xs = None if v_lxd is None else v_lxd[:n_layers]
     (h_btd, ck, cv), ys = jax.lax.scan(body, (x_btd, ck0, cv0),
                                        (layer_state, jnp.arange(n_layers, dtype=jnp.int32), v_xs))
-    extras: dict[str, Any] = {}
-    if output_hidden_states:
-      # HF convention: index 0 = embeddings, index i = output of layer i (pre-final-norm).
-      extras["hidden_states"] = jnp.concatenate([x_btd[None], ys["hidden"]], axis=0)
-    if hidden_positions_bp is not None:
-      extras["hidden_at_positions"] = jnp.swapaxes(ys["at_positions"], 0, 1)       # (B, L, P, D)
-    if hidden_masks_bmt is not None:
-      extras["hidden_masked_means"] = jnp.swapaxes(ys["masked_means"], 0, 1)       # (B, L, M, D) float32
+    extras = hooks.collect(x_btd, ys)
     new_cache = None
     if use_cache:
       new_cache = KVCache(ck, cv, valid_bs, index + t, kv_cache.lengths_b + mask_bt.astype(jnp.int32).sum(-1))
@@ -557,10 +504,7 @@ class Llama(nnx.Module):
 
   def __call__(self, input_ids_bt: jax.Array | None = None, *, inputs_embeds_btd: jax.Array | None = None,
                positions_bt: jax.Array | None = None, attention_mask_bt: jax.Array | None = None,
-               kv_cache: KVCache | None = None, steer_vectors: jax.Array | None = None,
-               steer_mask_bt: jax.Array | None = None, steer_alpha: jax.Array | float = 1.0,
-               output_hidden_states: bool = False, hidden_positions_bp: jax.Array | None = None,
-               hidden_masks_bmt: jax.Array | None = None, logits: str = "all", num_layers: int | None = None):
+               kv_cache: KVCache | None = None, hooks: Hooks | None = None, logits: str = "all"):
     """Forward pass.
 
     Args:
@@ -569,19 +513,14 @@ class Llama(nnx.Module):
       attention_mask_bt: (B, T) 1 = real token, 0 = left padding; default all ones.
       kv_cache: a :class:`KVCache`; the new tokens are written at ``cache.index`` and attend to every valid
         cached slot. Without a cache the call attends within itself (plain causal forward).
-      steer_vectors: (L, D) or (B, L, D) additive per-layer vectors (float32, cast at the add).
-      steer_mask_bt: (B, T) where to add them (default: the attention mask). ``steer_alpha``: scalar.
-      output_hidden_states: return ``extras['hidden_states']`` (L+1, B, T, D): embeddings then each layer.
-      hidden_positions_bp: int (B, P) indices into this call's T tokens -> ``extras['hidden_at_positions']``
-        (B, L, P, D) (e.g. the last prompt token, ``T - 1`` under left padding).
-      hidden_masks_bmt: (B, M, T) 0/1 -> ``extras['hidden_masked_means']`` (B, L, M, D) float32 means.
+      hooks: a :class:`~vlsafe_jax.models.hooks.Hooks` (steering vectors and mask, captures, ``num_layers``
+        truncation: no final norm, no logits); None = none.
       logits: ``"all"`` (B, T, V), ``"last"`` (B, V) at the last position (left padding puts every row's last
         real token there), or ``"none"``.
-      num_layers: run only the first ``num_layers`` layers (no final norm, no logits; static).
 
     Returns:
-      ``(logits float32 or None, new KVCache or None, extras dict)``; extras also holds ``last_hidden_state``
-      (B, T, D), the final-norm output (or the truncated stack's output).
+      ``(logits float32 or None, new KVCache or None, extras dict)``; extras holds the captures the hooks ask for
+      and ``last_hidden_state`` (B, T, D), the final-norm output (or the truncated stack's output).
     """
     cfg = self.config
     if (input_ids_bt is None) == (inputs_embeds_btd is None):
@@ -605,12 +544,10 @@ class Llama(nnx.Module):
       positions_bt = positions_from_mask(mask_bt, 0 if kv_cache is None else kv_cache.lengths_b)
     if logits not in ("all", "last", "none"):
       raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
-    h_btd, new_cache, extras = self.model(
-        x_btd, positions_bt, mask_bt, kv_cache=kv_cache, steer_vectors=steer_vectors,
-        steer_mask_bt=steer_mask_bt, steer_alpha=steer_alpha, output_hidden_states=output_hidden_states,
-        hidden_positions_bp=hidden_positions_bp, hidden_masks_bmt=hidden_masks_bmt, num_layers=num_layers)
+    hooks = NO_HOOKS if hooks is None else hooks
+    h_btd, new_cache, extras = self.model(x_btd, positions_bt, mask_bt, kv_cache=kv_cache, hooks=hooks)
     extras["last_hidden_state"] = h_btd
-    truncated = num_layers is not None and num_layers < cfg.num_hidden_layers
+    truncated = hooks.layers_to_run(cfg.num_hidden_layers) < cfg.num_hidden_layers
     if logits == "none" or truncated:
       return None, new_cache, extras
     if logits == "last":
@@ -621,5 +558,5 @@ class Llama(nnx.Module):
 __all__ = [
     "LlamaConfig", "Llama", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm",
     "KVCache", "init_cache", "rope_inv_freq", "rope_tables", "apply_rope", "rms_norm", "attention_mask",
-    "positions_from_mask", "llama_param_count", "llama_prefill_flops", "llama_decode_bytes", "ROPE_TYPES",
+    "positions_from_mask", "ROPE_TYPES",
 ]

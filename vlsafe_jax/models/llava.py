@@ -13,9 +13,9 @@ image k (in ``pixel_values`` order) fill the k-th block of N image-token positio
 batch - HF's ``masked_scatter`` rule - so rows without images (text-only prompts) simply contain no image tokens,
 and left or right padding changes nothing.
 
-Hooks are exactly the decoder's (:class:`vlsafe_jax.models.llama.Llama`): per-layer residual captures at all
-positions (``output_hidden_states``), at per-example positions or as masked means, and additive steering vectors
-(shared (L, D) or per-example (B, L, D), on a position mask, scaled by a traced alpha) that flow into the KV cache.
+Hooks are exactly the decoder's: one :class:`vlsafe_jax.models.hooks.Hooks` (``hooks=``) with per-layer residual
+captures (all positions, per-example positions or masked means) and additive steering vectors (shared (L, D) or
+per-example (B, L, D), on a position mask, scaled by a traced alpha) that flow into the KV cache.
 
 Generation (:func:`generate`): one jitted program embeds the prompt (vision tower, projector, scatter), then
 :func:`vlsafe_jax.models.decoding.generate` runs the prefill with ``inputs_embeds`` and the single compiled
@@ -40,7 +40,9 @@ from vlsafe_jax.models import decoding
 from vlsafe_jax.models.clip import (CLIPVisionConfig, CLIPVisionTransformer, _ACTIVATIONS, _sub_config,
                                     clip_image_flops)
 from vlsafe_jax.models.config_fields import check_field_types
-from vlsafe_jax.models.llama import Llama, LlamaConfig, KVCache, llama_prefill_flops
+from vlsafe_jax.models.hooks import Hooks
+from vlsafe_jax.models.llama import Llama, LlamaConfig, KVCache
+from vlsafe_jax.perf import llama_prefill_flops
 
 SELECT_STRATEGIES = ("default", "full")
 
@@ -297,10 +299,7 @@ class Llava(nnx.Module):
 
   def __call__(self, input_ids_bt: jax.Array, pixel_values: jax.Array | None = None, *,
                attention_mask_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
-               kv_cache: KVCache | None = None, steer_vectors: jax.Array | None = None,
-               steer_mask_bt: jax.Array | None = None, steer_alpha: jax.Array | float = 1.0,
-               output_hidden_states: bool = False, hidden_positions_bp: jax.Array | None = None,
-               hidden_masks_bmt: jax.Array | None = None, logits: str = "all", num_layers: int | None = None):
+               kv_cache: KVCache | None = None, hooks: Hooks | None = None, logits: str = "all"):
     """Forward pass: ``embed_inputs`` then the decoder with ``inputs_embeds``.
 
     Args: ``input_ids_bt`` int (B, T) with image spans already expanded; ``pixel_values`` (I, h, w, C)
@@ -311,11 +310,8 @@ class Llava(nnx.Module):
     if input_ids_bt.ndim != 2:
       raise ValueError(f"input_ids must be (batch, length), got shape {input_ids_bt.shape}")
     x_btd = self.embed_inputs(input_ids_bt, pixel_values)
-    return self.language_model(
-        inputs_embeds_btd=x_btd, attention_mask_bt=attention_mask_bt, positions_bt=positions_bt,
-        kv_cache=kv_cache, steer_vectors=steer_vectors, steer_mask_bt=steer_mask_bt, steer_alpha=steer_alpha,
-        output_hidden_states=output_hidden_states, hidden_positions_bp=hidden_positions_bp,
-        hidden_masks_bmt=hidden_masks_bmt, logits=logits, num_layers=num_layers)
+    return self.language_model(inputs_embeds_btd=x_btd, attention_mask_bt=attention_mask_bt,
+                               positions_bt=positions_bt, kv_cache=kv_cache, hooks=hooks, logits=logits)
 
 
 def _check_image_tokens(input_ids_bt, n_images: int, cfg: LlavaConfig) -> None:
@@ -343,7 +339,7 @@ def _embed_jit(model: Llava, input_ids_bt, pixel_values):
 
 
 def generate(model: Llava, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 32,
-             min_bucket: int = 16, bucket_step: int = 64, steer_prompt_mask=None,
+             min_bucket: int = 16, bucket_step: int = 64, hooks: Hooks | None = None,
              **kwargs) -> decoding.GenerateOutput:
   """Batched generation for LLaVA prompts (with images, text-only, or mixed in one batch).
 
@@ -354,10 +350,10 @@ def generate(model: Llava, input_ids, pixel_values=None, attention_mask=None, *,
       (left or right padding). Image spans must already be expanded to N image-token ids.
     pixel_values: (I, h, w, C) normalised NHWC float32 (``data.images.preprocess``), one per image span in batch
       order; None for text-only batches.
-    steer_prompt_mask: (B, T) aligned with ``input_ids``; re-padded with the prompts.
+    hooks: steering :class:`~vlsafe_jax.models.hooks.Hooks` (see :func:`vlsafe_jax.models.decoding.generate`); its
+      ``steer_mask_bt`` (B, T) is aligned with ``input_ids`` and re-padded with the prompts.
     kwargs: :func:`vlsafe_jax.models.decoding.generate` options: ``do_sample``, ``temperature``, ``top_k``,
-      ``top_p``, ``seed``, ``eos_token_id``, ``pad_token_id``, ``steer_vectors`` (L, D) / (B, L, D),
-      ``steer_alpha``, ``steer_decode``.
+      ``top_p``, ``seed``, ``eos_token_id``, ``pad_token_id``.
   Returns: :class:`vlsafe_jax.models.decoding.GenerateOutput` (tokens (B, max_new_tokens), lengths, first_logits).
 
   Prompts are re-padded on the left to a length bucket (``decoding.bucket_length``): one embedding program per
@@ -383,15 +379,12 @@ def generate(model: Llava, input_ids, pixel_values=None, attention_mask=None, *,
     ids = np.where(new_mask > 0, ids, 0).astype(np.int32)
   n_images = 0 if pixel_values is None else int(np.shape(pixel_values)[0])
   _check_image_tokens(ids, n_images, cfg)
-  if steer_prompt_mask is not None:
-    if mask is None:
-      raise ValueError("steer_prompt_mask needs input_ids as an array with attention_mask")
-    steer_prompt_mask, _ = decoding.left_pad(np.asarray(steer_prompt_mask), mask, length, 0)
+  hooks = decoding.repad_steer_mask(hooks, mask, length)
   pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
   embeds_btd = _embed_jit(model, jnp.asarray(ids), pixels)
   kwargs.setdefault("pad_token_id", pad)
   return decoding.generate(model.language_model, inputs_embeds=embeds_btd, attention_mask=new_mask,
-                           max_new_tokens=max_new_tokens, steer_prompt_mask=steer_prompt_mask, **kwargs)
+                           max_new_tokens=max_new_tokens, hooks=hooks, **kwargs)
 
 
 __all__ = ["LlavaConfig", "Llava", "LlavaMultiModalProjector", "generate", "select_features",

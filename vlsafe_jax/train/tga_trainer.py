@@ -39,6 +39,7 @@ from checkpoints_convert.llava import LLAVA_FAMILY
 from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax.methods.tga import loss as loss_lib
 from vlsafe_jax.methods.tga import prompt as prompt_lib
+from vlsafe_jax.models.hooks import Hooks
 from vlsafe_jax.models.llava import Llava, llava_prefill_flops
 from vlsafe_jax.train import common
 
@@ -71,8 +72,8 @@ def caption_means(model: Llava, batch: Mapping[str, jax.Array], layers: Sequence
   Runs only the first ``max(layers)`` decoder layers (no final norm, no LM head) on the text-only prompt.
   """
   lm = model.language_model
-  _, _, ex = lm(batch["ref_ids"], attention_mask_bt=batch["ref_attention_mask"],
-                hidden_masks_bmt=batch["caption_mask"][:, None, :], logits="none", num_layers=max(layers))
+  _, _, ex = lm(batch["ref_ids"], attention_mask_bt=batch["ref_attention_mask"], logits="none",
+                hooks=Hooks(hidden_masks_bmt=batch["caption_mask"][:, None, :], num_layers=max(layers)))
   return jax.lax.stop_gradient(loss_lib.select_layers(ex["hidden_masked_means"], layers)[:, :, 0])
 
 
@@ -83,7 +84,7 @@ def forward_terms(model: Llava, batch: Mapping[str, jax.Array], rho, cfg: loss_l
   x_btd = embed_rows(model, batch["input_ids"], batch["pixels"])
   masks_bmt = jnp.stack([batch["retrieved_mask"], batch["image_mask"]], axis=1)
   logits, _, ex = model.language_model(inputs_embeds_btd=x_btd, attention_mask_bt=batch["attention_mask"],
-                                       hidden_masks_bmt=masks_bmt)
+                                       hooks=Hooks(hidden_masks_bmt=masks_bmt))
   means = loss_lib.select_layers(ex["hidden_masked_means"], cfg.layers)        # (B, |L|, 2, D)
   return loss_lib.tga_loss(logits, batch["labels"], means[:, :, 1], means[:, :, 0], c_bld, batch["aux_weight"],
                            rho, cfg, batch.get("diag_weight"))
@@ -211,7 +212,7 @@ def step_flops(model_cfg, seq_len: int, ref_len: int, stage: str, n_layers_ref: 
   """Training FLOPs per example (perf.md §2, analytic, 2/MAC): forward of vision + projector + decoder over
   ``seq_len`` and the truncated reference pass; backward 2x forward for the trainable decoder (stage 2), or
   only the activation-gradient 1x through the decoder for stage 1 (frozen decoder weights, "4N"-style)."""
-  from vlsafe_jax.models.llama import llama_prefill_flops
+  from vlsafe_jax.perf import llama_prefill_flops
   import dataclasses as dc
   n_img = model_cfg.num_image_tokens
   fwd = llava_prefill_flops(model_cfg, max(seq_len - n_img, 0))

@@ -173,7 +173,7 @@ def collect_states(model, tokenizer, items: Sequence[Any], *, vectors=None, alph
   Args:
     model: a :class:`vlsafe_jax.models.llava.Llava`. tokenizer: the prompt tokenizer.
     items: :class:`vlsafe_jax.eval.vlm_safety.SafetyItem` s, each with an image (``caption`` optional).
-    vectors: (L, D) CMRM vectors; None = unsteered groups only. alpha / layers / apply: as ``steer.steer_kwargs``.
+    vectors: (L, D) CMRM vectors; None = unsteered groups only. alpha / layers / apply: as ``steer.steer_hooks``.
     layer: 0-based decoder layer whose residual output is collected (-1 = the last; before the final norm).
     use_captions: build the ``caption`` variant when every item has a caption.
   Groups: :data:`VARIANTS` (``caption`` possibly omitted, see ``notes``) and, with ``vectors``, the same names
@@ -193,7 +193,7 @@ def collect_states(model, tokenizer, items: Sequence[Any], *, vectors=None, alph
   steer_v = None
   if vectors is not None:
     v = steer.dataset_vectors(vectors, model.config.text_config)
-    steer_v = steer.steer_kwargs(v, alpha, layers=layers)["steer_vectors"]
+    steer_v = steer.steer_hooks(v, alpha, layers=layers).steer_vectors
     if apply not in steer.APPLY_MODES:
       raise ValueError(f"cmrm.apply {apply!r} unknown; expected one of {steer.APPLY_MODES}")
   size = model.config.vision_config.image_size

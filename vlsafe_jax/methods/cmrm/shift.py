@@ -29,6 +29,7 @@ from vlsafe_jax import model_io
 from vlsafe_jax.data.vlm_prompts import SEG_IMAGE, collate
 from vlsafe_jax.methods.cmrm import masks
 from vlsafe_jax.models import decoding
+from vlsafe_jax.models.hooks import Hooks
 
 EXTRACT_MODES = ("last", "text_mean")
 CORRUPT_KINDS = ("blank", "noise")
@@ -60,19 +61,19 @@ def corrupted_pixels(n: int, image_size: int, kind: str = "blank", *, seed: int 
 # --------------------------------------------------------------------------------------------------------------
 
 @nnx.jit(static_argnames=("mode",))
-def _states_jit(model, ids_bt, mask_bt, pixels, text_mask_bt, steer=None, *, mode: str):
+def _states_jit(model, ids_bt, mask_bt, pixels, text_mask_bt, steer: Hooks | None = None, *, mode: str):
   decoding.TRACE_COUNTS["cmrm_extract"] += 1
   b, t = ids_bt.shape
   # Extraction proper never steers (steer=None); the analysis tool (analysis.py) reuses this pass with steering
-  # on to see where CMRM moves the states.
-  kw = {} if steer is None else dict(steer_vectors=steer["vectors"], steer_alpha=steer["alpha"],
-                                     steer_mask_bt=steer["mask"])
+  # hooks on to see where CMRM moves the states.
+  hooks = Hooks() if steer is None else steer
   if mode == "last":
     pos_bp = jnp.full((b, 1), t - 1, jnp.int32)
-    _, _, ex = model(ids_bt, pixels, attention_mask_bt=mask_bt, hidden_positions_bp=pos_bp, logits="none", **kw)
+    _, _, ex = model(ids_bt, pixels, attention_mask_bt=mask_bt, hooks=hooks.replace(hidden_positions_bp=pos_bp),
+                     logits="none")
     return ex["hidden_at_positions"][:, :, 0].astype(jnp.float32)
-  _, _, ex = model(ids_bt, pixels, attention_mask_bt=mask_bt, hidden_masks_bmt=text_mask_bt[:, None, :],
-                   logits="none", **kw)
+  _, _, ex = model(ids_bt, pixels, attention_mask_bt=mask_bt,
+                   hooks=hooks.replace(hidden_masks_bmt=text_mask_bt[:, None, :]), logits="none")
   return ex["hidden_masked_means"][:, :, 0]
 
 
@@ -102,8 +103,9 @@ def prompt_states(model, prompts: Sequence[Any], pixels: np.ndarray | None, *, m
     inputs = [None if x is None else jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in inputs]
   steer = None
   if steer_vectors is not None:
-    steer = {"vectors": jnp.asarray(steer_vectors, jnp.float32), "alpha": jnp.asarray(steer_alpha, jnp.float32),
-             "mask": jnp.asarray(masks.prompt_steer_mask(arr["attention_mask"], steer_apply), jnp.int32)}
+    steer = Hooks(steer_vectors=jnp.asarray(steer_vectors, jnp.float32),
+                  steer_alpha=jnp.asarray(steer_alpha, jnp.float32),
+                  steer_mask_bt=jnp.asarray(masks.prompt_steer_mask(arr["attention_mask"], steer_apply), jnp.int32))
   return _states_jit(model, *inputs, steer, mode=mode)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from vlsafe_jax.methods.cmrm import shift
 from vlsafe_jax.methods.cmrm.masks import APPLY_MODES, layer_mask, prompt_steer_mask
+from vlsafe_jax.models.hooks import Hooks
 
 DEFAULT_ALPHA = {"dataset": 1.0, "sample": 0.5}
 
@@ -34,22 +35,23 @@ def dataset_vectors(vectors, text_config) -> np.ndarray:
   return v
 
 
-def steer_kwargs(vectors, alpha: float, *, layers: Any = "all", apply: str = "all",
-                 attention_mask_bt: np.ndarray | None = None) -> dict[str, Any]:
-  """``llava.generate`` / ``decoding.generate`` keyword arguments for (L, D) or (B, L, D) ``vectors``.
+def steer_hooks(vectors, alpha: float, *, layers: Any = "all", apply: str = "all",
+                attention_mask_bt: np.ndarray | None = None) -> Hooks:
+  """Steering :class:`~vlsafe_jax.models.hooks.Hooks` for ``llava.generate`` / ``decoding.generate`` from (L, D)
+  or (B, L, D) ``vectors`` (every generated token steered).
 
   ``attention_mask_bt`` (left-padded prompt mask) is needed for ``apply="new_tokens"``.
   """
   v = np.asarray(vectors, np.float32)
   lm = layer_mask(layers, v.shape[-2])
-  kw: dict[str, Any] = {"steer_vectors": v * lm[:, None], "steer_alpha": float(alpha), "steer_decode": True}
+  prompt_mask = None
   if apply != "all":
     if attention_mask_bt is None:
       raise ValueError("cmrm.apply='new_tokens' needs the prompt attention mask")
-    kw["steer_prompt_mask"] = prompt_steer_mask(attention_mask_bt, apply)
+    prompt_mask = prompt_steer_mask(attention_mask_bt, apply)
   elif apply not in APPLY_MODES:
     raise ValueError(f"cmrm.apply {apply!r} unknown; expected one of {APPLY_MODES}")
-  return kw
+  return Hooks(steer_vectors=v * lm[:, None], steer_alpha=float(alpha), steer_mask_bt=prompt_mask, steer_decode=1)
 
 
 class Steerer:
@@ -77,7 +79,7 @@ class Steerer:
     self.alpha = DEFAULT_ALPHA[level] if alpha is None else float(alpha)
     self.extract, self.corrupt, self.noise_seed, self.batch_size = extract, corrupt, noise_seed, batch_size
     self._seen = 0
-    self._dataset_kwargs = None
+    self._dataset_hooks = None
 
   def vectors_for(self, prompts: Sequence[Any]) -> np.ndarray:
     """(B, L, D) sample-level vectors for multimodal prompts (two prefills)."""
@@ -87,18 +89,20 @@ class Steerer:
     return shift.sample_vectors(ht, hc)
 
   def __call__(self, batch) -> Mapping[str, Any]:
+    """``{"hooks": Hooks}``: the extra ``llava.generate`` keyword argument for this batch."""
     if self.level == "dataset" and self.apply == "all":
-      # Input-independent: build (and upload) the kwargs once; per batch this is then a dict lookup, which keeps
-      # the host-side cost of dataset-level steering out of the generate loop's timing (the <= 3% budget).
-      if self._dataset_kwargs is None:
-        kw = steer_kwargs(self.vectors, self.alpha, layers=self.layers, apply=self.apply)
-        self._dataset_kwargs = {"steer_vectors": jnp.asarray(kw["steer_vectors"], jnp.float32),
-                                "steer_alpha": jnp.asarray(kw["steer_alpha"], jnp.float32),
-                                "steer_decode": jnp.asarray(int(kw["steer_decode"]), jnp.int32)}
-      return self._dataset_kwargs
+      # Input-independent: build (and upload) the hooks once; per batch this is then an attribute read, which
+      # keeps the host-side cost of dataset-level steering out of the generate loop's timing (the <= 3% budget).
+      if self._dataset_hooks is None:
+        h = steer_hooks(self.vectors, self.alpha, layers=self.layers, apply=self.apply)
+        self._dataset_hooks = h.replace(steer_vectors=jnp.asarray(h.steer_vectors, jnp.float32),
+                                        steer_alpha=jnp.asarray(h.steer_alpha, jnp.float32),
+                                        steer_decode=jnp.asarray(h.steer_decode, jnp.int32))
+      return {"hooks": self._dataset_hooks}
     v = self.vectors if self.level == "dataset" else self.vectors_for(batch.prompts)
-    return steer_kwargs(v, self.alpha, layers=self.layers, apply=self.apply,
-                        attention_mask_bt=batch.attention_mask)
+    return {"hooks": steer_hooks(v, self.alpha, layers=self.layers, apply=self.apply,
+                                 attention_mask_bt=batch.attention_mask)}
 
 
-__all__ = ["APPLY_MODES", "DEFAULT_ALPHA", "dataset_vectors", "layer_mask", "prompt_steer_mask", "steer_kwargs", "Steerer"]
+__all__ = ["APPLY_MODES", "DEFAULT_ALPHA", "dataset_vectors", "layer_mask", "prompt_steer_mask", "steer_hooks",
+           "Steerer"]

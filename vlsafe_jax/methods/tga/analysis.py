@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlsafe_jax.methods.tga.loss import cosine
+from vlsafe_jax.models.hooks import Hooks
 
 TEXT_TEMPLATE = "Describe this scene : {}"
 IMAGE_QUESTION = "Describe this image."
@@ -93,8 +94,8 @@ def _lens_fn(model):
     m = nnx.merge(graphdef, state)
     t = ids.shape[1]
     pos = jnp.full((ids.shape[0], 1), t - 1, jnp.int32)    # left padding: every row ends at T - 1
-    _, _, ex = m(ids, pixels, attention_mask_bt=mask, hidden_positions_bp=pos, hidden_masks_bmt=span[:, None],
-                 logits="none")
+    _, _, ex = m(ids, pixels, attention_mask_bt=mask, hooks=Hooks(hidden_positions_bp=pos,
+                                                                   hidden_masks_bmt=span[:, None]), logits="none")
     h_lbd = jnp.swapaxes(ex["hidden_at_positions"][:, :, 0], 0, 1)              # (L, B, D)
     lm = m.language_model
     logits = lm.logits_from_hidden(lm.model.norm(h_lbd.astype(lm.dtype)))       # (L, B, V)

@@ -78,7 +78,7 @@ def cosine(a_xd: jax.Array, b_xd: jax.Array, eps: float = 1e-8) -> jax.Array:
 def masked_mean(h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
   """Float32 mean of h over the positions where mask is 1: (B, T, D), (B, T) -> (B, D); empty masks give 0.
 
-  The training step computes the same quantity inside the decoder's layer scan (``hidden_masks_bmt``); this
+  The training step computes the same quantity inside the decoder's layer scan (``Hooks.hidden_masks_bmt``); this
   function is the reference for tests and for analysis on returned hidden states.
   """
   m = mask_bt.astype(jnp.float32)
