@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vlsafe_jax.data import pipeline, synthetic, visu
+from vlsafe_jax.data import pipeline, synthetic, tokenize, visu
 from vlsafe_jax.data.transform import HFTextEncoder, QuadrupletTransform, TextEncoder
 
 SPLITS = ("train", "val", "test")
@@ -38,7 +38,6 @@ def make_text_encoder(data: ml_collections.ConfigDict, model_dir: str | Path | N
   ``data.max_length``."""
   if data.kind == "synthetic":
     return synthetic.SyntheticTokenizer(data.max_length)
-  from vlsafe_jax.data import tokenize  # lazy: tokenize imports transformers (heavy) when loading a tokenizer
   where = data.get("tokenizer") or model_dir
   if not where:
     raise ValueError(f"data.kind={data.kind!r} needs a tokenizer: set data.tokenizer or give the model directory")

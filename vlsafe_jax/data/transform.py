@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vlsafe_jax.data import images
+from vlsafe_jax.data import images, tokenize
 
 
 class DataError(ValueError):
@@ -54,8 +54,7 @@ class HFTextEncoder:
     self.tokenizer, self.max_length = tokenizer, int(max_length)
 
   def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    from vlsafe_jax.data import tokenize as tk  # lazy: keeps transformers out of this module's import
-    out = tk.tokenize(self.tokenizer, list(texts), max_length=self.max_length)
+    out = tokenize.tokenize(self.tokenizer, list(texts), max_length=self.max_length)
     ids, mask = (out["input_ids"], out["attention_mask"]) if isinstance(out, dict) else out
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
