@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax.data import sources
+from vlsafe_jax.eval import retrieval
 from vlsafe_jax.methods.hysac import diagnostics, losses
 from vlsafe_jax.methods.hysac import model as hysac_model
 from vlsafe_jax.methods.hysac import scalars as scalars_lib
@@ -203,7 +204,6 @@ def step_flops(clip_config, n_text_tokens: int) -> float:
 def validate(setup: HySACSetup, params, source, transform, batch_size: int) -> dict[str, float]:
   """Validation loss (seven-term, eval mode, groups of ``batch_size``) and the recall sum R@1 (t2i + i2t) over
   (T, I), (T, I*), (T*, I), ranking by Lorentzian inner product."""
-  from vlsafe_jax.eval import retrieval
   model = eval_model(setup, params)
   embs = common.embed_split(make_encoder(model), source, transform, batch_size)
   c, s = float(model.curvature()), float(model.logit_scale())
