@@ -10,13 +10,13 @@ from __future__ import annotations
 import sys
 
 from vlsafe_jax import config as config_lib
+from vlsafe_jax.train import hysac_probe
 
 DEFAULT_CONFIG = "hysac_synthetic"
 
 
 def main(argv: list[str]) -> dict:
   cfg, workdir, _ = config_lib.load_cli(argv, DEFAULT_CONFIG)
-  from vlsafe_jax.train import hysac_probe  # after config parsing: a bad flag fails fast
   return hysac_probe.run(cfg, workdir)
 
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from vlsafe_jax.data import synthetic, visu
+from vlsafe_jax.data import images, synthetic, visu
 
 N_SMALL = 21  # 3 full cycles of the 7 categories
 
@@ -180,7 +180,7 @@ def test_written_split_reads_back_identically(tmp_path):
   for i in range(9):
     a, b = src[i], plain[i]
     for f in ("safe_image", "unsafe_image"):
-      np.testing.assert_array_equal(visu.load_image(b[f]), a[f])
+      np.testing.assert_array_equal(images.to_rgb_array(b[f]), a[f])
     for f in ("safe_caption", "unsafe_caption", "tag"):
       assert a[f] == b[f]
     ta, tb = transform(a), transform(b)
@@ -188,7 +188,7 @@ def test_written_split_reads_back_identically(tmp_path):
       np.testing.assert_array_equal(ta[k], tb[k])
     assert plain.tag_names[tb["tag"]] == a["tag"]
   # The transform normalises with CLIP mean/std: undoing it recovers the uint8 pixels.
-  px = ta["safe_image"] * np.array(visu.CLIP_STD) + np.array(visu.CLIP_MEAN)
+  px = ta["safe_image"] * np.array(images.CLIP_STD) + np.array(images.CLIP_MEAN)
   np.testing.assert_allclose(px * 255.0, src[8]["safe_image"], atol=1e-3)
 
 

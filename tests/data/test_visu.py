@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlsafe_jax.data import synthetic, visu
+from vlsafe_jax.data import synthetic, transform, visu
 
 TOK = synthetic.SyntheticTokenizer(max_length=16)
 
@@ -65,7 +65,7 @@ def test_released_layouts_coco_rule_and_unsafe_paths(visu_tree):
     assert a.tag_names[ra["tag_id"]] == items[str(i)]["tag"] and ra["key"] == str(i)
   assert a.tag_names == ("illegal activity", "sexual", "violence")
   # Decode + tokenise through the transform (what grain workers run).
-  t = visu.QuadrupletTransform(TOK, image_size=20)
+  t = transform.QuadrupletTransform(TOK, image_size=20)
   out = t(a[1])
   assert out["safe_image"].shape == (20, 20, 3) and out["safe_image"].dtype == np.float32
   np.testing.assert_array_equal(out["safe_ids"], TOK(["a blue square"])[0][0])
@@ -159,7 +159,7 @@ def test_corrupt_image_detected_by_verify_and_by_transform(visu_tree):
   root, coco, unsafe, items = visu_tree
   (unsafe / "b.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
   src = _bad(root, coco, unsafe, items)  # existence only: construction succeeds
-  t = visu.QuadrupletTransform(TOK, image_size=20)
+  t = transform.QuadrupletTransform(TOK, image_size=20)
   with pytest.raises(visu.DataError, match=r"item '1', field 'unsafe_image': corrupt or unreadable image"):
     t(src[1])
   with pytest.raises(visu.DataError, match=r"item '1', field 'unsafe_image': corrupt"):
@@ -178,8 +178,8 @@ def test_over_long_captions(visu_tree):
   assert _bad(root, coco, unsafe, items, check_captions=tok, on_error="skip").num_skipped == 1
   src = _bad(root, coco, unsafe, items)
   with pytest.raises(visu.DataError, match=r"item '2', field 'unsafe_caption': caption has 22 tokens"):
-    visu.QuadrupletTransform(tok, image_size=20, on_long_caption="error")(src[2])
-  ids = visu.QuadrupletTransform(tok, image_size=20)(src[2])["unsafe_ids"]  # default truncates, EOS last
+    transform.QuadrupletTransform(tok, image_size=20, on_long_caption="error")(src[2])
+  ids = transform.QuadrupletTransform(tok, image_size=20)(src[2])["unsafe_ids"]  # default truncates, EOS last
   assert ids.shape == (8,) and ids[-1] == tok.eos_token_id
 
 
@@ -195,10 +195,10 @@ def test_calibration_pairs(tmp_path):
   random.Random(0).shuffle(order)
   assert pairs.kind == "image" and len(pairs) == 4
   assert [p["safe_image"] for p in pairs] == [str(tmp_path / f"img/s{i}.png") for i in order[:4]]
-  out = visu.QuadrupletTransform(None, image_size=16)(pairs[0])
+  out = transform.QuadrupletTransform(None, image_size=16)(pairs[0])
   assert out["safe_image"].shape == (16, 16, 3) and "safe_ids" not in out
   texts = tmp_path / "text.jsonl"
   texts.write_text("\n".join(json.dumps({"safe": f"a red circle {i}", "unsafe": "with blood"}) for i in range(3)))
   tp = visu.CalibrationPairs(texts)
   assert tp.kind == "text" and [p["safe_caption"] for p in tp] == [f"a red circle {i}" for i in range(3)]
-  assert visu.QuadrupletTransform(TOK)(tp[1])["unsafe_ids"].shape == (16,)
+  assert transform.QuadrupletTransform(TOK)(tp[1])["unsafe_ids"].shape == (16,)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlsafe_jax.data import classification
 from vlsafe_jax.eval import zeroshot as zs
 
 
@@ -52,7 +53,7 @@ def _write_folder(root, classes, per_class, size=9):
 def test_image_folder_reader_and_classifier_reuse(tmp_path):
   classes = {"dark_red": (200, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 200)}
   _write_folder(tmp_path / "ds", classes, per_class=3)
-  src = zs.ImageFolder(tmp_path / "ds")
+  src = classification.ImageFolder(tmp_path / "ds")
   assert src.class_names == ["blue", "dark red", "green"] and len(src) == 9
   assert src[0]["label"] == 0 and src[3]["label"] == 1 and src[8]["key"].startswith("green")
 
@@ -85,12 +86,12 @@ def test_image_folder_reader_and_classifier_reuse(tmp_path):
 
 def test_image_folder_errors_name_the_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match="missing_root"):
-    zs.ImageFolder(tmp_path / "missing_root")
+    classification.ImageFolder(tmp_path / "missing_root")
   (tmp_path / "ds" / "cat").mkdir(parents=True)
   with pytest.raises(ValueError, match="'cat' holds no images"):
-    zs.ImageFolder(tmp_path / "ds")
+    classification.ImageFolder(tmp_path / "ds")
   with pytest.raises(ValueError, match="2 class names for 1"):
-    zs.ImageFolder(tmp_path / "ds", class_names=["a", "b"])
+    classification.ImageFolder(tmp_path / "ds", class_names=["a", "b"])
 
 
 def test_synthetic_zero_shot_split_runs_through_the_evaluator():

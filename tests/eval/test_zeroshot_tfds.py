@@ -1,7 +1,7 @@
 """Zero-shot tfds ArrayRecord source (no TensorFlow): a tiny custom builder prepared offline, read back, scored.
 
 The builder is defined here (``skip_registration``: nothing leaks into the tfds registry), prepared with
-``file_format="array_record"`` into a temporary data_dir, and read through ``zeroshot.TfdsSource`` as a user's
+``file_format="array_record"`` into a temporary data_dir, and read through ``classification.TfdsSource`` as a user's
 prepared dataset would be (``builder_from_directory``: no builder code needed at read time).
 """
 import io
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlsafe_jax.data import classification
 from vlsafe_jax.eval import zeroshot as zs
 
 CLASSES = ("dark_red", "green", "blue")
@@ -66,9 +67,9 @@ def prepared(tmp_path_factory):
 
 def test_reader_returns_the_generated_images_labels_and_class_names(prepared):
   data_dir, builder_dir = prepared
-  src = zs.TfdsSource(builder_dir, "test")
-  assert zs.resolve_tfds_dir(data_dir, BUILDER) == builder_dir
-  assert zs.TfdsSource(data_dir, "test", builder=BUILDER + ":1.0.0").class_names == ["dark red", "green", "blue"]
+  src = classification.TfdsSource(builder_dir, "test")
+  assert classification.resolve_tfds_dir(data_dir, BUILDER) == builder_dir
+  assert classification.TfdsSource(data_dir, "test", builder=BUILDER + ":1.0.0").class_names == ["dark red", "green", "blue"]
   assert src.class_names == ["dark red", "green", "blue"] and len(src) == 7
   expected = {ex["index"]: ex for ex in _examples()}
   seen = set()
@@ -87,7 +88,7 @@ def test_reader_returns_the_generated_images_labels_and_class_names(prepared):
 
 def test_zero_shot_accuracy_through_the_tfds_source(prepared):
   _, builder_dir = prepared
-  src = zs.TfdsSource(builder_dir, "test", class_names=["red", "green", "blue"])
+  src = classification.TfdsSource(builder_dir, "test", class_names=["red", "green", "blue"])
   template = zs.template_for("CIFAR-10")
   prompts = zs.class_prompts(src.class_names, template)
 
@@ -108,25 +109,25 @@ def test_zero_shot_accuracy_through_the_tfds_source(prepared):
 def test_bad_tfds_inputs_give_clear_errors(prepared, tmp_path):
   data_dir, builder_dir = prepared
   with pytest.raises(KeyError, match="no split 'validation'.*'test'"):
-    zs.TfdsSource(builder_dir, "validation")
+    classification.TfdsSource(builder_dir, "validation")
   with pytest.raises(KeyError, match="no image feature 'img'"):
-    zs.TfdsSource(builder_dir, "test", image_key="img")
+    classification.TfdsSource(builder_dir, "test", image_key="img")
   with pytest.raises(ValueError, match="'index' is a Scalar, not a ClassLabel"):
-    zs.TfdsSource(builder_dir, "test", label_key="index")
+    classification.TfdsSource(builder_dir, "test", label_key="index")
   with pytest.raises(ValueError, match="2 class names for the 3 classes"):
-    zs.TfdsSource(builder_dir, "test", class_names=["a", "b"])
+    classification.TfdsSource(builder_dir, "test", class_names=["a", "b"])
   with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
-    zs.TfdsSource(data_dir, "test")
+    classification.TfdsSource(data_dir, "test")
   with pytest.raises(FileNotFoundError, match="no prepared dataset 'cifar10'"):
-    zs.TfdsSource(data_dir, "test", builder="cifar10")
+    classification.TfdsSource(data_dir, "test", builder="cifar10")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    zs.TfdsSource(tmp_path / "nowhere", "test")
+    classification.TfdsSource(tmp_path / "nowhere", "test")
 
 
 def test_missing_tensorflow_datasets_is_a_clear_import_error(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)   # as if not installed (whether it is or not)
   with pytest.raises(ImportError, match="tensorflow_datasets.*not installed"):
-    zs.TfdsSource(tmp_path, "test")
+    classification.TfdsSource(tmp_path, "test")
 
 
 def test_resolve_tfds_dir_picks_the_highest_prepared_version(tmp_path):
@@ -138,30 +139,30 @@ def test_resolve_tfds_dir_picks_the_highest_prepared_version(tmp_path):
     if prepared:
       (d / "dataset_info.json").write_text("{}")
   newest = data_dir / BUILDER / "1.10.0"        # numeric order (1.10 > 1.2); 2.0.0 has no dataset_info.json
-  assert zs.resolve_tfds_dir(data_dir, BUILDER) == newest
-  assert zs.resolve_tfds_dir(data_dir, BUILDER + ":1.2.0") == data_dir / BUILDER / "1.2.0"
-  assert zs.resolve_tfds_dir(newest) == newest                       # the builder directory itself
+  assert classification.resolve_tfds_dir(data_dir, BUILDER) == newest
+  assert classification.resolve_tfds_dir(data_dir, BUILDER + ":1.2.0") == data_dir / BUILDER / "1.2.0"
+  assert classification.resolve_tfds_dir(newest) == newest                       # the builder directory itself
   with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
-    zs.resolve_tfds_dir(data_dir)
+    classification.resolve_tfds_dir(data_dir)
   with pytest.raises(FileNotFoundError, match="no prepared dataset 'cifar10'"):
-    zs.resolve_tfds_dir(data_dir, "cifar10")
+    classification.resolve_tfds_dir(data_dir, "cifar10")
   with pytest.raises(FileNotFoundError, match="no prepared dataset"):
-    zs.resolve_tfds_dir(data_dir, BUILDER + ":2.0.0")
+    classification.resolve_tfds_dir(data_dir, BUILDER + ":2.0.0")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    zs.resolve_tfds_dir(tmp_path / "nowhere", BUILDER)
+    classification.resolve_tfds_dir(tmp_path / "nowhere", BUILDER)
 
 
 def test_uwm_config_wires_tfds_sources(prepared):
   from vlsafe_jax import config as config_lib
-  from vlsafe_jax.methods.uwm import run as uwm_run
+  from vlsafe_jax.jobs import uwm as uwm_job
   data_dir, _ = prepared
   cfg = config_lib.load("uwm_synthetic:smoke", [
       "eval.synthetic_zeroshot=False", f"eval.zeroshot_tfds=(('CIFAR-10', '{data_dir}', 'test', '{BUILDER}'),)"])
-  sets = uwm_run.zeroshot_datasets(cfg)
+  sets = uwm_job.zeroshot_datasets(cfg)
   src, names, template = sets["CIFAR-10"]
   assert list(sets) == ["CIFAR-10"] and len(src) == 7
   assert names == ["dark red", "green", "blue"] and template == "a photo of a {}."
   cfg = config_lib.load("uwm_synthetic:smoke", ["eval.synthetic_zeroshot=False",
                                                 f"eval.zeroshot_tfds=(('X', '{data_dir}'),)"])
   with pytest.raises(ValueError, match="must be a tuple"):
-    uwm_run.zeroshot_datasets(cfg)
+    uwm_job.zeroshot_datasets(cfg)

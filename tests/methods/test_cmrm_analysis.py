@@ -16,6 +16,7 @@ from flax import nnx
 from vlsafe_jax.data import synthetic_vlm as S
 from vlsafe_jax.data.vlm_prompts import SEG_CAPTION, SEG_IMAGE, build_prompt
 from vlsafe_jax.eval.vlm_safety import SafetyItem
+from vlsafe_jax.jobs import cmrm as cmrm_job
 from vlsafe_jax.methods.cmrm import analysis as A
 from vlsafe_jax.methods.cmrm import shift
 from vlsafe_jax.models import llava as LV
@@ -105,7 +106,7 @@ def test_text_states_equal_direct_forward(setup):
   """Collected text-only states = a direct, unpadded forward's last-layer residual (pre-norm) at the last token,
   and extraction's text side (shift.extract_pairs) gives the same numbers."""
   model, tok, items = setup
-  states, notes = A.collect_states(model, tok, items, system=SYSTEM, batch_size=3)
+  states, notes = cmrm_job.collect_states(model, tok, items, system=SYSTEM, batch_size=3)
   assert notes == [] and set(states) == set(A.VARIANTS)
   n_layers = model.config.text_config.num_hidden_layers
   for i, it in enumerate(items):
@@ -120,7 +121,7 @@ def test_text_states_equal_direct_forward(setup):
   np.testing.assert_allclose(hc[:, -1], states["blank"], rtol=1e-5, atol=1e-5)
   # Without captions the caption variant is omitted with a note.
   nocap = [SafetyItem(it.id, it.question, it.image) for it in items[:2]]
-  st2, notes2 = A.collect_states(model, tok, nocap, system=SYSTEM, batch_size=2)
+  st2, notes2 = cmrm_job.collect_states(model, tok, nocap, system=SYSTEM, batch_size=2)
   assert "caption" not in st2 and "caption variant omitted" in notes2[0]
 
 
@@ -138,8 +139,8 @@ def test_steering_moves_corrupted_centroid_to_text(setup):
   ht, hc = shift.extract_pairs(model, prompts, corrupt="blank", batch_size=5)
   v = shift.dataset_vector(shift.sample_vectors(ht, hc))
   kw = dict(system=SYSTEM, batch_size=5, use_captions=False)
-  off, _ = A.collect_states(model, tok, items, vectors=v, alpha=0.0, layers=[-1], **kw)
-  on, _ = A.collect_states(model, tok, items, vectors=v, alpha=1.0, layers=[-1], **kw)
+  off, _ = cmrm_job.collect_states(model, tok, items, vectors=v, alpha=0.0, layers=[-1], **kw)
+  on, _ = cmrm_job.collect_states(model, tok, items, vectors=v, alpha=1.0, layers=[-1], **kw)
   d_off = A.centroid_distances(off)["blank+cmrm"]["centroid"]
   d_on = A.centroid_distances(on)["blank+cmrm"]["centroid"]
   assert d_off == pytest.approx(A.centroid_distances(off)["blank"]["centroid"], rel=1e-5)
@@ -172,11 +173,10 @@ def test_analyze_cli_writes_plot_npz_json(tmp_path, setup):
     ratio = f["explained_variance_ratio"]
   assert 0 < ratio[1] <= ratio[0] <= 1
   # Captions are the scenes' descriptions (not the synthetic sets' expected answers).
-  from vlsafe_jax.methods.cmrm import run as R
   from vlsafe_jax import config as C
   cfg = C.load("cmrm_synthetic:smoke", ["analysis.limit=2"])
-  sets, _ = R.load_sets(cfg)
-  its = R.analysis_items(cfg, sets)
+  sets, _ = cmrm_job.load_sets(cfg)
+  its = cmrm_job.analysis_items(cfg, sets)
   assert len(its) == 2
   for it, orig in zip(its, sets["harmful"]):
     assert it.caption and it.caption != orig.caption and not it.caption.startswith("sure")

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from vlsafe_jax import config as config_lib
-from vlsafe_jax.methods.uwm import run as uwm_run
+from vlsafe_jax.jobs import uwm as uwm_job
 
 BOUND = 10.0   # points (percent) a preserved metric may lose
 
@@ -23,12 +23,12 @@ BOUND = 10.0   # points (percent) a preserved metric may lose
 def test_uwm_smoke_run_on_synthetic_benchmark(tmp_path):
   cfg = config_lib.load("uwm_synthetic:smoke", [f"model.stage1_workdir={tmp_path / 'stage1'}", "progress=False",
                                                 "export_hf=True"])
-  out = uwm_run.run(cfg, tmp_path / "run")
+  out = uwm_job.run(cfg, tmp_path / "run")
   saved = json.loads((tmp_path / "run" / "eval.json").read_text())
   assert saved["synthetic"] is True and saved["edit"]["text"]["selected"] > 0
   assert (tmp_path / "run" / "masks.npz").exists() and (tmp_path / "run" / "hf_export" / "model.safetensors").exists()
   b, a = out["before"], out["after"]
-  for k in uwm_run.SG_KEYS:
+  for k in uwm_job.SG_KEYS:
     assert 0.0 <= a["safeground"][k] <= 100.0
   print("SafeGround before", b["safeground"], "\nafter", a["safeground"])
   # preserved: safe retrieval and zero-shot accuracy within the stated bound

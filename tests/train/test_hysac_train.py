@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax import sharding
+from vlsafe_jax.jobs import hysac as hysac_job
 from vlsafe_jax.methods.hysac import losses
 from vlsafe_jax.methods.hysac import model as H
 from vlsafe_jax.models import clip as C
@@ -52,8 +53,8 @@ def _records(path, stage=None):
 
 def test_default_job_is_hysac_synthetic():
   assert train_main.DEFAULT_CONFIG == "hysac_synthetic"
-  assert train_main.TRAINERS["hysac"] == "vlsafe_jax.train.hysac_trainer:run"
-  assert "lorentz_demo" in train_main.TRAINERS
+  assert train_main.JOBS["hysac"] is hysac_job.run
+  assert "lorentz_demo" in train_main.JOBS
 
 
 def test_smoke_run_writes_run_directory(smoke_run, capsys):

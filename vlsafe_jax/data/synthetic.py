@@ -48,6 +48,9 @@ from typing import Any
 
 import numpy as np
 
+from vlsafe_jax.data.transform import QuadrupletTransform
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Vocabulary of the scene language.
 # --------------------------------------------------------------------------------------------------------------
@@ -398,7 +401,7 @@ def _item_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.G
 class SyntheticQuadruplets:
   """Random-access source of synthetic quadruplets for one split (grain-compatible: ``__len__``/``__getitem__``).
 
-  Items are *raw* records (decoded uint8 images + caption strings); ``visu.QuadrupletTransform`` turns them into
+  Items are *raw* records (decoded uint8 images + caption strings); ``transform.QuadrupletTransform`` turns them into
   model inputs, exactly as for the file readers::
 
     {"safe_image": uint8 (H,W,3), "unsafe_image": uint8 (H,W,3), "safe_caption": str, "unsafe_caption": str,
@@ -547,8 +550,7 @@ class ZeroShotShapes:
 
 def default_transform(tokenizer: SyntheticTokenizer | None = None, image_size: int = 32):
   """The model-input transform for this benchmark: CLIP-normalised NHWC float32 pixels + synthetic token ids."""
-  from vlsafe_jax.data import visu  # local: visu imports nothing from here, keep the dependency one-way at load
-  return visu.QuadrupletTransform(tokenizer or SyntheticTokenizer(), image_size=image_size)
+  return QuadrupletTransform(tokenizer or SyntheticTokenizer(), image_size=image_size)
 
 
 # --------------------------------------------------------------------------------------------------------------

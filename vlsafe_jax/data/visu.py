@@ -1,16 +1,11 @@
 """Readers for safe/unsafe quadruplets on disk: ViSU as released, a plain user format, UWM calibration manifests.
 
 All readers are grain-compatible random-access sources (``__len__`` / ``__getitem__``) that return *raw* records,
-cheap to produce and to pickle; decoding and tokenisation live in ``QuadrupletTransform`` so grain workers run them
-in parallel. Raw record (the same keys as ``synthetic.SyntheticQuadruplets``)::
+cheap to produce and to pickle; decoding and tokenisation live in ``data/transform.py`` (``QuadrupletTransform``)
+so grain workers run them in parallel. Raw record (the same keys as ``synthetic.SyntheticQuadruplets``)::
 
   {"safe_image": path str | uint8 (H,W,3), "unsafe_image": ..., "safe_caption": str, "unsafe_caption": str,
    "tag": str, "tag_id": int (index into ``source.tag_names``), "index": int, "key": str (the item's name in its file)}
-
-Transformed record (``QuadrupletTransform``; batching stacks these to NHWC / (B, L))::
-
-  {"safe_image": float32 (S,S,3) CLIP-normalised, "unsafe_image": ..., "safe_ids": int32 (L,),
-   "unsafe_ids": int32 (L,), "safe_mask": int32 (L,), "unsafe_mask": int32 (L,), "tag": int32, "index": int32}
 
 Formats (hysac.md §6, uwm.md §2):
 
@@ -40,147 +35,25 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from vlsafe_jax.data import images
+from vlsafe_jax.data.transform import DataError, TextEncoder
+
 COCO_SUBDIRS = ("train2017", "val2017", "test2017")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PLAIN_FIELDS = ("safe_image", "unsafe_image", "safe_caption", "unsafe_caption")
 
 
-class DataError(ValueError):
-  """Bad input data, with the file, item key and field it concerns."""
-
-  def __init__(self, message: str, file: str | os.PathLike | None = None, key: str | None = None,
-               field: str | None = None):
-    where = ", ".join(p for p in (f"file {file}" if file else "", f"item {key!r}" if key is not None else "",
-                                  f"field {field!r}" if field else "") if p)
-    super().__init__(f"{where}: {message}" if where else message)
-    self.file, self.key, self.field = (str(file) if file else None), key, field
-
-
-class TextEncoder(Protocol):
-  """What the transform needs from a tokenizer: fixed-length ids + mask, and untruncated lengths."""
-  max_length: int
-
-  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
-
-  def lengths(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-class HFTextEncoder:
-  """Adapter for an HF CLIP tokenizer (``data.tokenize.load_tokenizer(dir)``) to the ``TextEncoder`` protocol.
-
-  Uses ``vlsafe_jax.data.tokenize.tokenize`` (pad to ``max_length``, truncate keeping EOT last; hysac.md §5.4).
-  """
-
-  def __init__(self, tokenizer: Any, max_length: int = 77):
-    self.tokenizer, self.max_length = tokenizer, int(max_length)
-
-  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    from vlsafe_jax.data import tokenize as tk  # local: keeps transformers out of this module's import
-    out = tk.tokenize(self.tokenizer, list(texts), max_length=self.max_length)
-    ids, mask = (out["input_ids"], out["attention_mask"]) if isinstance(out, dict) else out
-    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
-
-  def lengths(self, texts: Sequence[str]) -> np.ndarray:
-    enc = self.tokenizer(list(texts), truncation=False, padding=False)
-    return np.array([len(x) for x in enc["input_ids"]], np.int64)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Images.
-# --------------------------------------------------------------------------------------------------------------
-
-def load_image(path: str | os.PathLike, *, file: Any = None, key: str | None = None,
-               field: str | None = None) -> np.ndarray:
-  """Decodes an image file to RGB uint8 (H, W, 3); errors name the file, the manifest, item and field."""
-  from PIL import Image, UnidentifiedImageError
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"), dtype=np.uint8)
-  except FileNotFoundError as e:
-    raise DataError(f"image not found: {path}", file, key, field) from e
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise DataError(f"corrupt or unreadable image {path}: {e}", file, key, field) from e
-
-
 def _verify_image(path: str) -> str | None:
   """None if ``path`` decodes fully, else the reason."""
-  from PIL import Image
   try:
-    with Image.open(path) as im:
-      im.load()
+    images.load_image(path)
     return None
-  except Exception as e:  # noqa: BLE001 -- any decoder failure means "corrupt"; the reason is reported
-    return f"corrupt or unreadable image {path}: {type(e).__name__}: {e}"
-
-
-def normalize_uint8(image_hw3: np.ndarray) -> np.ndarray:
-  """uint8 (H, W, 3) in [0, 255] -> float32 (H, W, 3) with CLIP mean/std normalisation (no resize)."""
-  x = image_hw3.astype(np.float32) / 255.0
-  return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The decode/tokenise transform (runs in grain workers).
-# --------------------------------------------------------------------------------------------------------------
-
-class QuadrupletTransform:
-  """Raw record -> model inputs: decode + CLIP-preprocess images, tokenise captions. Picklable for grain workers.
-
-  Fields absent from the record are absent from the output (calibration pairs carry only images or only texts).
-
-  Args:
-    text_encoder: a ``TextEncoder`` (``synthetic.SyntheticTokenizer`` or ``HFTextEncoder``); None skips captions.
-    image_size: output side S. uint8 arrays already S x S are only normalised (the synthetic benchmark); anything
-      else goes through ``data.images.preprocess`` (bicubic shortest-side resize, center crop, CLIP mean/std).
-    on_long_caption: "truncate" (CLIP's behaviour) or "error" (raise naming the item).
-  """
-
-  def __init__(self, text_encoder: TextEncoder | None, image_size: int = 224, on_long_caption: str = "truncate"):
-    if on_long_caption not in ("truncate", "error"):
-      raise ValueError(f"on_long_caption must be 'truncate' or 'error', got {on_long_caption!r}")
-    self.text_encoder, self.image_size, self.on_long_caption = text_encoder, int(image_size), on_long_caption
-
-  def _image(self, value: Any, rec: dict[str, Any], field: str) -> np.ndarray:
-    if isinstance(value, (str, os.PathLike)):
-      value = load_image(value, file=rec.get("file"), key=rec.get("key"), field=field)
-    img = np.asarray(value)
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
-      raise DataError(f"expected a uint8 (H, W, 3) image, got {img.dtype} {img.shape}", rec.get("file"),
-                      rec.get("key"), field)
-    if img.shape[:2] == (self.image_size, self.image_size):
-      return normalize_uint8(img)
-    from vlsafe_jax.data import images  # local: only needed when resizing
-    return np.asarray(images.preprocess([img], self.image_size), np.float32)[0]
-
-  def __call__(self, rec: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for field in ("safe_image", "unsafe_image", "image"):
-      if field in rec:
-        out[field] = self._image(rec[field], rec, field)
-    fields = [f for f in ("safe_caption", "unsafe_caption", "caption") if f in rec]
-    if fields and self.text_encoder is not None:
-      texts = [rec[f] for f in fields]
-      if self.on_long_caption == "error":
-        lengths = self.text_encoder.lengths(texts)
-        for f, n in zip(fields, lengths):
-          if n > self.text_encoder.max_length:
-            raise DataError(f"caption has {int(n)} tokens, more than max_length={self.text_encoder.max_length}",
-                            rec.get("file"), rec.get("key"), f)
-      ids, mask = self.text_encoder(texts)
-      for f, i, m in zip(fields, ids, mask):
-        stem = f.rsplit("_", 1)[0] if f != "caption" else "text"
-        out[f"{stem}_ids"], out[f"{stem}_mask"] = i, m
-    for field in ("tag_id", "label"):
-      if field in rec:
-        out["tag" if field == "tag_id" else "label"] = np.int32(rec[field])
-    out["index"] = np.int32(rec["index"])
-    return out
+  except (FileNotFoundError, ValueError) as e:
+    return f"corrupt or unreadable image {path}: {e}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -486,7 +359,4 @@ class CalibrationPairs(_ItemSource):
     return {"safe_caption": _caption(row, "safe"), "unsafe_caption": _caption(row, "unsafe"), "tag": tag}
 
 
-__all__ = [
-    "CalibrationPairs", "DataError", "HFTextEncoder", "PlainQuadruplets", "QuadrupletTransform", "TextEncoder",
-    "ViSUQuadruplets", "coco_image_path", "load_image", "normalize_uint8",
-]
+__all__ = ["CalibrationPairs", "DataError", "PlainQuadruplets", "ViSUQuadruplets", "coco_image_path"]

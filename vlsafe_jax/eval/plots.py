@@ -3,6 +3,7 @@
 * :func:`root_distance_histogram` - distance from the root of the four sets T, I, T*, I* (paper Figure 2).
 * :func:`recall_bars` - R@K per retrieval task for several models (with / without traversal).
 * :func:`training_curves` - loss terms, learned scalars, lr and throughput from a ``metrics.jsonl``.
+* :func:`paired_scatter` - 2-D point groups and their treated twins (CMRM's PCA of input variants, off / on).
 
 Every function writes one PNG (``training_curves`` one per metric group) and returns its path(s).
 """
@@ -169,4 +170,39 @@ def training_curves(metrics_jsonl: str | os.PathLike, out_dir: str | os.PathLike
   return files
 
 
-__all__ = ["root_distance_histogram", "recall_bars", "training_curves", "CURVE_GROUPS"]
+def paired_scatter(coords: Mapping[str, np.ndarray], path: str | os.PathLike, *,
+                   styles: Mapping[str, tuple[str, str]], suffix: str, suffix_label: str, explained=None,
+                   title: str = "", note: str = "") -> Path:
+  """Scatter of 2-D point groups ``coords`` (group -> (N, 2)) where a group named ``<base><suffix>`` is the
+  treated twin of group ``<base>`` (e.g. CMRM on / off).
+
+  Untreated groups are filled, treated ones hollow in the same colour (``styles[base] = (label, colour)``;
+  unknown bases get matplotlib's next colour and their own name). Centroids are large markers (X untreated,
+  P treated) with an arrow from each untreated centroid to its treated one. ``explained``: the two axes' share
+  of variance (PCA coordinates), shown in the axis labels.
+  """
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7.5, 6))
+  cents = {}
+  for g, c in coords.items():
+    c = np.asarray(c, np.float64)
+    treated = g.endswith(suffix)
+    base = g[:-len(suffix)] if treated else g
+    label, colour = styles.get(base, (base, None))
+    if treated:
+      ax.scatter(c[:, 0], c[:, 1], s=22, facecolors="none", edgecolors=colour, lw=1.0, label=label + suffix_label)
+    else:
+      ax.scatter(c[:, 0], c[:, 1], s=18, color=colour, alpha=0.75, label=label)
+    cents[g] = c.mean(0)
+    ax.scatter(*cents[g], s=160, marker="P" if treated else "X", color=colour, edgecolors="black", lw=0.8)
+  for g, m in cents.items():
+    if g.endswith(suffix) and g[:-len(suffix)] in cents:
+      ax.annotate("", xy=m, xytext=cents[g[:-len(suffix)]], arrowprops=dict(arrowstyle="->", color="black", lw=0.8))
+  for i, set_label in enumerate((ax.set_xlabel, ax.set_ylabel)):
+    set_label(f"PC{i + 1}" + ("" if explained is None else f" ({100 * explained[i]:.1f}% of variance)"))
+  ax.set_title(title + (f"\n{note}" if note else ""), fontsize=9)
+  ax.legend(fontsize=7, ncol=2, loc="best")
+  return _save(fig, path)
+
+
+__all__ = ["root_distance_histogram", "recall_bars", "training_curves", "paired_scatter", "CURVE_GROUPS"]

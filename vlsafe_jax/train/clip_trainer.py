@@ -20,6 +20,7 @@ from flax import nnx
 
 from checkpoints_convert.clip import CLIP_FAMILY
 from vlsafe_jax import checkpoint as ckpt_lib
+from vlsafe_jax.data import sources
 from vlsafe_jax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, clip_image_flops, \
     clip_text_flops
 from vlsafe_jax.train import common
@@ -72,8 +73,8 @@ def train_clip(cfg: ml_collections.ConfigDict, workdir: Path, writer: common.Met
   mesh = common.make_mesh(cfg)
 
   # ---------------------------------------------------------------------------------------------- data
-  data = common.build_data(cfg.data)
-  loader = common.make_train_loader(data["train"], data["transform"], sc.batch_size, cfg.data, cfg.seed)
+  data = sources.make_sources(cfg.data)
+  loader = common.make_train_loader(data.train, data.transform, sc.batch_size, cfg.data, cfg.seed)
   total_steps = sc.epochs * loader.steps_per_epoch
 
   # --------------------------------------------------------------------------------------- abstract shapes

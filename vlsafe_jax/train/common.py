@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax import sharding
+from vlsafe_jax.data import sources
 
 State = dict[str, Any]
 
@@ -317,43 +318,9 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
   return state
 
 
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Data sources
+# Data (the sources themselves come from vlsafe_jax.data.sources)
 # --------------------------------------------------------------------------------------------------------------
-
-def build_data(data: ml_collections.ConfigDict, text_encoder=None) -> dict[str, Any]:
-  """Splits and the model-input transform for ``data.kind``: ``synthetic`` (the embedded benchmark), ``visu``
-  (released ViSU JSON + COCO root) or ``plain`` (JSONL/CSV manifests).
-
-  Returns ``{"train", "val", "test": random-access sources (val/test may be None), "transform", "tag_names"}``.
-  """
-  from vlsafe_jax.data import synthetic, visu
-  if data.kind == "synthetic":
-    make = lambda split: synthetic.SyntheticQuadruplets(split, data.get(f"{split}_size") or None, seed=data.seed,
-                                                        image_size=data.image_size,
-                                                        unsafe_variant=data.get("unsafe_variant", "patch"))
-    tok = text_encoder or synthetic.SyntheticTokenizer(data.max_length)
-    return {"train": make("train"), "val": make("val"), "test": make("test"),
-            "transform": visu.QuadrupletTransform(tok, image_size=data.image_size),
-            "tag_names": list(synthetic.CATEGORIES)}
-  if text_encoder is None:
-    raise ValueError(f"data.kind={data.kind!r} needs a text encoder (the base CLIP directory's tokenizer)")
-  kw = dict(on_error=data.on_error)
-  if data.kind == "visu":
-    make = lambda split: (visu.ViSUQuadruplets(data[f"{split}_json"], data.coco_root, data.unsafe_root or None,
-                                               **kw) if data[f"{split}_json"] else None)
-  elif data.kind == "plain":
-    make = lambda split: (visu.PlainQuadruplets(data[f"{split}_json"], data.image_root or None, **kw)
-                          if data[f"{split}_json"] else None)
-  else:
-    raise ValueError(f"data.kind must be 'synthetic', 'visu' or 'plain', got {data.kind!r}")
-  if not data.train_json:
-    raise ValueError(f"data.train_json is required for data.kind={data.kind!r} (path of the training split file)")
-  return {"train": make("train"), "val": make("val"), "test": make("test"),
-          "transform": visu.QuadrupletTransform(text_encoder, image_size=data.image_size), "tag_names": None}
-
 
 def make_train_loader(source, transform, global_batch: int, data: ml_collections.ConfigDict, seed: int):
   """The checkpointable grain loader over a training split (per-host slice of each global batch)."""
@@ -364,24 +331,6 @@ def make_train_loader(source, transform, global_batch: int, data: ml_collections
                               worker_count=data.worker_count, read_threads=data.read_threads)
 
 
-def iterate_split(source, transform, batch_size: int, limit: int | None = None):
-  """Unshuffled batches over (the first ``limit`` items of) a split, for embedding; the last batch may be short."""
-  from vlsafe_jax.data import pipeline
-  n = len(source) if limit is None else min(limit, len(source))
-  if n < len(source):
-    full = source       # the class body must not close over `source`, which is rebound to the head just below
-
-    class _Head:
-      def __len__(self):
-        return n
-      def __getitem__(self, i):
-        return full[i]
-    source = _Head()
-  loader = pipeline.make_loader(source, min(batch_size, n), seed=0, shuffle=False, num_epochs=1,
-                                drop_remainder=False, transform=transform, shard_index=0, shard_count=1)
-  yield from loader
-
-
 def embed_split(encode: Callable[[dict], tuple[np.ndarray, ...]], source, transform, batch_size: int,
                 limit: int | None = None) -> dict[str, np.ndarray]:
   """Runs ``encode(batch) -> (e_i, e_iu, e_t, e_tu)`` over a split; returns ``{"I", "I*", "T", "T*", "tags"}``.
@@ -389,10 +338,9 @@ def embed_split(encode: Callable[[dict], tuple[np.ndarray, ...]], source, transf
   Batches are padded to ``batch_size`` (one compilation) and the padding rows dropped.
   """
   outs = {k: [] for k in ("I", "I*", "T", "T*", "tags")}
-  for batch in iterate_split(source, transform, batch_size, limit):
+  for batch in sources.batches(source, transform, batch_size, limit):
     n = batch["safe_image"].shape[0]
-    padded = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, 0)]) if n < batch_size else v
-              for k, v in batch.items() if k in ("safe_image", "unsafe_image", "safe_ids", "unsafe_ids")}
+    padded = sources.pad_batch(batch, batch_size, ("safe_image", "unsafe_image", "safe_ids", "unsafe_ids"))
     embs = jax.device_get(encode(padded))
     for k, e in zip(("I", "I*", "T", "T*"), embs):
       outs[k].append(np.asarray(e[:n], np.float32))
@@ -404,5 +352,5 @@ __all__ = [
     "NonFiniteLossError", "StopAfterSteps", "maybe_initialize_distributed", "prepare_workdir", "MetricsWriter",
     "learning_rate_schedule", "make_optimizer", "make_mesh", "pure_shardings", "train_state_shardings",
     "init_train_state", "global_norm", "guard_nonfinite", "make_update_fn", "resume", "save", "to_host", "run_loop",
-    "build_data", "make_train_loader", "iterate_split", "embed_split",
+    "make_train_loader", "embed_split",
 ]

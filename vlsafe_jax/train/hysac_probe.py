@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from vlsafe_jax import perf
+from vlsafe_jax.data import sources
 from vlsafe_jax.methods.hysac import probe as probe_lib
 from vlsafe_jax.models.clip import CLIP
 from vlsafe_jax.train import common, hysac_trainer
@@ -35,11 +36,11 @@ def probe_config(cfg: ml_collections.ConfigDict) -> probe_lib.ProbeConfig:
 def embed_features(cfg: ml_collections.ConfigDict, base_dir: Path) -> dict[str, Any]:
   """The base CLIP's raw projected features ``{"I", "I*", "T", "T*"} -> (n, d)`` of ``probe.split``."""
   clip = CLIP.from_pretrained(base_dir)
-  data = common.build_data(cfg.data, hysac_trainer.text_encoder(cfg, base_dir))
-  source = data[cfg.probe.split]
+  data = sources.make_sources(cfg.data, sources.make_text_encoder(cfg.data, base_dir))
+  source = data.split(cfg.probe.split)
   if source is None:
     raise ValueError(f"probe.split={cfg.probe.split!r}: the configured data has no such split")
-  return common.embed_split(hysac_trainer.make_clip_encoder(clip), source, data["transform"],
+  return common.embed_split(hysac_trainer.make_clip_encoder(clip), source, data.transform,
                             cfg.eval_run.batch_size, limit=cfg.probe.n_items or None)
 
 

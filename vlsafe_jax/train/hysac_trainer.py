@@ -1,8 +1,8 @@
-"""Stage "hysac": LoRA + learned-scalar fine-tuning of a CLIP with the seven-term loss; then evaluation.
+"""Stage "hysac": LoRA + learned-scalar fine-tuning of a CLIP with the seven-term loss.
 
-``run(cfg, workdir)`` is the ``trainer="hysac"`` entry of ``python -m vlsafe_jax.train``: it runs the stages named
-in ``cfg.stages`` (``clip`` -> ``hysac`` -> ``evaluate``). Stage "hysac" trains the main model and each ablation
-of ``cfg.ablations`` ("wo_ent", "wo_sent"; ``hysac.md`` §3.3) from the same base, each with its own checkpoints.
+:func:`train_variant` trains (or resumes) one variant: the main model or an ablation of ``cfg.ablations``
+("wo_ent", "wo_sent"; ``hysac.md`` §3.3), each from the same base with its own checkpoints. The job that runs the
+stages in order (``clip`` -> ``hysac`` -> ``evaluate``) and reports is ``vlsafe_jax/jobs/hysac.py``.
 
 Per step (``hysac.md`` §5.2, inside ONE jitted, state-donating function): clamp the four scalars -> encode the two
 images and the two captions (towers in ``hysac.dtype``, float32 from the projections on) -> lift -> seven terms ->
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from vlsafe_jax import checkpoint as ckpt_lib
+from vlsafe_jax.data import sources
+from vlsafe_jax.eval import retrieval
 from vlsafe_jax.methods.hysac import diagnostics, losses
 from vlsafe_jax.methods.hysac import model as hysac_model
 from vlsafe_jax.methods.hysac import scalars as scalars_lib
@@ -39,8 +40,6 @@ from vlsafe_jax.models.clip import CLIP, clip_image_flops, clip_text_flops
 from vlsafe_jax.train import common
 
 ABLATIONS = losses.ABLATIONS
-LABELS = {"hysac": "HySAC", "wo_ent": "HySAC w/o Ent", "wo_sent": "HySAC w/o S-Ent"}
-CLIP_LABEL = "CLIP (stage 1, cosine)"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,15 +164,6 @@ def eval_model(setup: HySACSetup, params=None) -> hysac_model.HySAC:
   return model
 
 
-def text_encoder(cfg: ml_collections.ConfigDict, base_dir: Path):
-  """The caption tokenizer for ``cfg.data``: None for the synthetic benchmark (its own word tokenizer), else the
-  base CLIP directory's HF tokenizer."""
-  if cfg.data.kind == "synthetic":
-    return None
-  from vlsafe_jax.data import tokenize, visu
-  return visu.HFTextEncoder(tokenize.load_tokenizer(base_dir), cfg.data.max_length)
-
-
 def make_encoder(model: hysac_model.HySAC):
   """A jitted ``batch -> (e_i, e_iu, e_t, e_tu)`` on the hyperboloid for an eval-mode model."""
   graphdef, state = nnx.split(model)
@@ -214,7 +204,6 @@ def step_flops(clip_config, n_text_tokens: int) -> float:
 def validate(setup: HySACSetup, params, source, transform, batch_size: int) -> dict[str, float]:
   """Validation loss (seven-term, eval mode, groups of ``batch_size``) and the recall sum R@1 (t2i + i2t) over
   (T, I), (T, I*), (T*, I), ranking by Lorentzian inner product."""
-  from vlsafe_jax.eval import retrieval
   model = eval_model(setup, params)
   embs = common.embed_split(make_encoder(model), source, transform, batch_size)
   c, s = float(model.curvature()), float(model.logit_scale())
@@ -294,8 +283,8 @@ def train_variant(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path,
   global_batch = h.batch_size_per_device * n_batch_devices
 
   # ---------------------------------------------------------------------------------------------- data
-  data = common.build_data(cfg.data, text_encoder(cfg, base_dir))
-  loader = common.make_train_loader(data["train"], data["transform"], global_batch, cfg.data, cfg.seed + 1)
+  data = sources.make_sources(cfg.data, sources.make_text_encoder(cfg.data, base_dir))
+  loader = common.make_train_loader(data.train, data.transform, global_batch, cfg.data, cfg.seed + 1)
   total_steps = h.epochs * loader.steps_per_epoch if h.steps <= 0 else h.steps
 
   # -------------------------------------------------------------- base weights, abstract shapes, sharded init
@@ -311,11 +300,11 @@ def train_variant(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path,
   # ------------------------------------------------------------------------------------- validation hooks
   stopper = None
   on_epoch_end = None
-  if cfg.train.validate and data["val"] is not None:
+  if cfg.train.validate and data.val is not None:
     stopper = EarlyStopping(ckpt_dir, cfg.train.early_stopping_patience)
 
     def on_epoch_end(state, epoch):
-      m = validate(setup, state["params"], data["val"], data["transform"], h.batch_size_per_device)
+      m = validate(setup, state["params"], data.val, data.transform, h.batch_size_per_device)
       step = int(jax.device_get(state["step"]))
       writer.write({"stage": stage, "step": step, "epoch": epoch, **m})
       return stopper.update(step, state, m)
@@ -343,129 +332,8 @@ def train_variant(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path,
   return out_dir
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Stage "evaluate"
-# --------------------------------------------------------------------------------------------------------------
-
-def evaluate_run(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path, variant_dirs: Mapping[str, Path]
-                 ) -> dict[str, Any]:
-  """Embeds the test split (and the training split for bounds) with every model and writes ``eval.json``,
-  ``bounds.json`` and ``plots/`` through ``vlsafe_jax.eval.hysac_eval``; prints the results table."""
-  from vlsafe_jax.eval import hysac_eval
-  data = common.build_data(cfg.data, text_encoder(cfg, base_dir))
-  test = data["test"] if data["test"] is not None else data["val"]
-  if test is None:
-    raise ValueError("evaluation needs data.test_json (or data.val_json)")
-  bs, limit = cfg.eval_run.batch_size, cfg.eval_run.bounds_limit or None
-  ecfg = dict(cfg.eval.to_dict())
-  t0 = time.time()
-
-  clip = CLIP.from_pretrained(base_dir)
-  clip_test = common.embed_split(make_clip_encoder(clip), test, data["transform"], bs)
-  tags = clip_test.pop("tags")
-  baselines = {CLIP_LABEL: hysac_eval.evaluate_euclidean(clip_test, tags, data["tag_names"],
-                                                         {**ecfg, "model_name": CLIP_LABEL})}
-  results = {}
-  for variant in [v for v in variant_dirs if v != "hysac"] + ["hysac"]:
-    model = hysac_model.load_hysac(variant_dirs[variant], base_path=base_dir)
-    enc = make_encoder(model)
-    e_test = common.embed_split(enc, test, data["transform"], bs)
-    e_test.pop("tags")
-    e_train = common.embed_split(enc, data["train"], data["transform"], bs, limit)
-    e_train.pop("tags")
-    label = LABELS[variant]
-    main = variant == "hysac"
-    res = hysac_eval.evaluate(e_test, float(model.curvature()), e_train, tags, data["tag_names"],
-                              {**ecfg, "model_name": label, "plots": main and ecfg.get("plots", True)},
-                              out_dir=workdir if main else None, baselines=dict(baselines) if main else None,
-                              metrics_path=workdir / "metrics.jsonl")
-    results[variant] = res
-    if not main:
-      baselines[label] = res
-  summary = summarize(results, baselines[CLIP_LABEL])
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  print_results(workdir)
-  print(f"(evaluation {time.time() - t0:.0f} s)")
-  return summary
-
-
-def summarize(results: Mapping[str, dict], clip_res: dict) -> dict[str, Any]:
-  """The numbers the default run is judged on: mean root distances and redirect R@1 per model."""
-  task = "T*->I u I*"
-  out = {"clip": {"T*->I u I* R@1": clip_res["tasks"][task]["plain"]["R@1"],
-                  "T*->I u I* %safe": clip_res["tasks"][task]["plain"].get("%safe"),
-                  "T->I R@1": clip_res["tasks"]["T->I"]["plain"]["R@1"]}}
-  for v, r in results.items():
-    t = r["tasks"][task]
-    out[v] = {"root_distance_mean": r["root_distance"]["mean"], "root_distance_std": r["root_distance"]["std"],
-              "separation": r["root_distance"]["separation"],
-              "ordered_T<I<T*<I*": r["root_distance"]["ordered_T<I<T*<I*"], "curv": r["curv"],
-              "T*->I u I* R@1": t["plain"]["R@1"],
-              "T*->I u I* R@1 traversal": t.get("traversal", {}).get("R@1"),
-              "T*->I u I* %safe traversal": t.get("traversal", {}).get("%safe"),
-              "T*->I u I* moved %": t.get("traversal", {}).get("moved"),
-              "T->I R@1": r["tasks"]["T->I"]["plain"]["R@1"]}
-  return out
-
-
-def print_results(workdir: Path) -> None:
-  """Prints the results table of a finished run (``eval.json`` + ``summary.json``)."""
-  from vlsafe_jax.perf import format_table
-  ev = json.loads((workdir / "eval.json").read_text())
-  summary = json.loads((workdir / "summary.json").read_text())
-  print("=" * 110)
-  print(ev.get("table_md", ""))
-  rows = []
-  for v, s in summary.items():
-    if v == "clip":
-      rows.append([CLIP_LABEL, "-", "-", "-", "-", "-", f"{s['T*->I u I* R@1']:.1f}", "-", f"{s['T->I R@1']:.1f}"])
-      continue
-    m = s["root_distance_mean"]
-    trav = s["T*->I u I* R@1 traversal"]
-    rows.append([LABELS[v], *(f"{m[k]:.3f}" for k in ("T", "I", "T*", "I*")),
-                 "yes" if s["ordered_T<I<T*<I*"] else "no", f"{s['T*->I u I* R@1']:.1f}",
-                 "-" if trav is None else f"{trav:.1f}", f"{s['T->I R@1']:.1f}"])
-  print()
-  print(format_table(["model", "d(0,T)", "d(0,I)", "d(0,T*)", "d(0,I*)", "T<I<T*<I*", "T*->I∪I* R@1",
-                      "with traversal", "T->I R@1"], rows))
-  print(f"(synthetic benchmark: {ev.get('synthetic')}; run directory {workdir})")
-  print("=" * 110)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------------------------
-
-def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
-  """``python -m vlsafe_jax.train`` with ``trainer="hysac"``: stages ``cfg.stages`` in order, resumable."""
-  common.maybe_initialize_distributed(cfg)
-  workdir = common.prepare_workdir(Path(workdir), cfg)
-  writer = common.MetricsWriter(workdir / "metrics.jsonl")
-  if (workdir / "summary.json").exists() and (workdir / "eval.json").exists():
-    print(f"run in {workdir} is finished; its results:")
-    print_results(workdir)
-    return json.loads((workdir / "summary.json").read_text())
-  t0 = time.time()
-  base_dir = Path(cfg.base_path) if cfg.base_path else None
-  if "clip" in cfg.stages:
-    from vlsafe_jax.train import clip_trainer
-    base_dir = clip_trainer.train_clip(cfg, workdir, writer)
-  if base_dir is None:
-    raise ValueError("no base CLIP: set base_path (an HF or converted CLIP directory) or include stage 'clip'")
-  variant_dirs = {}
-  if "hysac" in cfg.stages:
-    for variant in ("hysac", *cfg.ablations):
-      variant_dirs[variant] = train_variant(cfg, workdir, base_dir, variant, writer)
-  summary = {}
-  if "evaluate" in cfg.stages:
-    summary = evaluate_run(cfg, workdir, base_dir, variant_dirs)
-  print(f"total wall time {time.time() - t0:.0f} s")
-  return summary
-
-
 __all__ = [
-    "ABLATIONS", "HySACSetup", "options_from_cfg", "loss_config", "make_loss_fn", "clamp_params", "text_encoder",
-    "make_train_step", "build_hysac", "eval_model", "make_encoder", "make_clip_encoder", "step_flops", "validate", "EarlyStopping", "train_variant",
-    "evaluate_run", "summarize", "print_results", "run",
+    "ABLATIONS", "HySACSetup", "options_from_cfg", "loss_config", "make_loss_fn", "clamp_params", "make_train_step",
+    "build_hysac", "eval_model", "make_encoder", "make_clip_encoder", "step_flops", "validate", "EarlyStopping",
+    "train_variant",
 ]

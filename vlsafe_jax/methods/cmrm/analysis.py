@@ -1,7 +1,8 @@
-"""CMRM analysis tool (``cmrm.md`` §1, §7.3): where do image+text inputs sit relative to text-only inputs, and
-where does CMRM move them?
+"""CMRM analysis math (``cmrm.md`` §1, §7.3): where do image+text inputs sit relative to text-only inputs, and
+where does CMRM move them? The driver (state collection, files, scatter plot) is ``vlsafe_jax/jobs/cmrm.py``
+(``analyze``); this module holds the input variants, the PCA and the separation statistics.
 
-For N multimodal prompts (each with an image) the tool collects one hidden state per prompt and *input variant*
+For N multimodal prompts (each with an image) the analysis collects one hidden state per prompt and *input variant*
 (cmrm.md §1):
 
 * ``original``: the real image + query;
@@ -22,7 +23,7 @@ state is literally ``h + alpha * v_L`` plus what the earlier layers' adds propag
 rescaling would hide the norm part of the shift. The states come from :func:`shift.prompt_states` (the jitted
 prefill-only extraction pass, ``mode="last"``), so they are the same numbers the vectors were built from.
 
-**Outputs** (:func:`analyze`): a 2-D PCA fitted on the unsteered variants (steered points are projected into the
+**Outputs** (``jobs/cmrm.analyze``): a 2-D PCA fitted on the unsteered variants (steered points are projected into the
 same plane so movement is visible in one frame), a scatter plot, the coordinates and explained variance
 (``cmrm_analysis.npz`` / ``.json``), and a separation statistic readable without the plot: the distance from each
 group's centroid to the **unsteered text-only centroid**, in full D and in the PCA plane, plus the mean paired
@@ -34,24 +35,18 @@ Shape legend: N prompts, L decoder layers, D decoder width, K principal componen
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vlsafe_jax.data.vlm_prompts import IMAGE_PLACEHOLDER, SEG_CAPTION, Prompt
-from vlsafe_jax.methods.cmrm import shift, steer
+from vlsafe_jax.methods.cmrm import shift
+from vlsafe_jax.perf import format_table
 
 VARIANTS = ("original", "blank", "noise", "caption", "text")
 REFERENCE = "text"
 STEERED_SUFFIX = "+cmrm"
-_LABELS = {"original": "image + query", "blank": "blank image + query", "noise": "noise image + query",
-           "caption": "caption + query", "text": "query only"}
-_COLOURS = {"original": "tab:red", "blank": "tab:orange", "noise": "tab:purple", "caption": "tab:green",
-            "text": "tab:blue"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,7 +119,7 @@ def centroid_distances(states: Mapping[str, np.ndarray], reference: str = REFERE
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Input variants and state collection
+# Input variants
 # --------------------------------------------------------------------------------------------------------------
 
 def with_caption(prompt: Prompt, caption_ids: Sequence[int], caption: str = "") -> Prompt:
@@ -164,95 +159,12 @@ def variant_inputs(prompts: Sequence[Prompt], pixels: np.ndarray, image_size: in
   return out
 
 
-def collect_states(model, tokenizer, items: Sequence[Any], *, vectors=None, alpha: float = 1.0,
-                   layers: Any = "all", apply: str = "all", layer: int = -1, template: str = "llava_v1",
-                   system: str | None = None, noise_seed: int = 0, batch_size: int = 16,
-                   use_captions: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
-  """Hidden states of every variant: ``({group: (N, D) float32}, notes)``.
-
-  Args:
-    model: a :class:`vlsafe_jax.models.llava.Llava`. tokenizer: the prompt tokenizer.
-    items: :class:`vlsafe_jax.eval.vlm_safety.SafetyItem` s, each with an image (``caption`` optional).
-    vectors: (L, D) CMRM vectors; None = unsteered groups only. alpha / layers / apply: as ``steer.steer_hooks``.
-    layer: 0-based decoder layer whose residual output is collected (-1 = the last; before the final norm).
-    use_captions: build the ``caption`` variant when every item has a caption.
-  Groups: :data:`VARIANTS` (``caption`` possibly omitted, see ``notes``) and, with ``vectors``, the same names
-  suffixed :data:`STEERED_SUFFIX`.
-  """
-  from vlsafe_jax.eval import vlm_safety as V
-  if not items:
-    raise ValueError("cmrm analysis needs at least one item")
-  missing = [it.id for it in items if not it.has_image]
-  if missing:
-    raise ValueError(f"cmrm analysis items need an image; without one: {missing[:5]}")
-  notes = []
-  captions = use_captions and all(it.caption for it in items)
-  if use_captions and not captions:
-    notes.append("caption variant omitted: not every item has a caption "
-                 f"({sum(not it.caption for it in items)} of {len(items)} without)")
-  steer_v = None
-  if vectors is not None:
-    v = steer.dataset_vectors(vectors, model.config.text_config)
-    steer_v = steer.steer_hooks(v, alpha, layers=layers).steer_vectors
-    if apply not in steer.APPLY_MODES:
-      raise ValueError(f"cmrm.apply {apply!r} unknown; expected one of {steer.APPLY_MODES}")
-  size = model.config.vision_config.image_size
-  groups: dict[str, list[np.ndarray]] = {}
-  start = 0
-  for batch in V.build_batches(items, tokenizer, model.config, batch_size=batch_size, template=template,
-                               system=system, use_images=True):
-    cap_ids = [list(tokenizer(it.caption, add_special_tokens=False)["input_ids"]) for it in batch.items] \
-        if captions else None
-    for name, (prompts, pix) in variant_inputs(batch.prompts, batch.pixels, size, caption_ids=cap_ids,
-                                               noise_seed=noise_seed, start=start).items():
-      h = shift.prompt_states(model, prompts, pix, mode="last")
-      groups.setdefault(name, []).append(np.asarray(h[:, layer]))
-      if steer_v is not None:
-        h = shift.prompt_states(model, prompts, pix, mode="last", steer_vectors=steer_v, steer_alpha=alpha,
-                                steer_apply=apply)
-        groups.setdefault(name + STEERED_SUFFIX, []).append(np.asarray(h[:, layer]))
-    start += len(batch.items)
-  return {k: np.concatenate(v).astype(np.float32) for k, v in groups.items()}, notes
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Plot and driver
+# Summary
 # --------------------------------------------------------------------------------------------------------------
-
-def scatter_plot(coords: Mapping[str, np.ndarray], path: str | os.PathLike, *, explained=None,
-                 title: str = "CMRM: last-token final-layer hidden states (PCA)") -> Path:
-  """Scatter of 2-D ``coords`` (group -> (N, 2)); steered groups hollow in their variant's colour, centroids
-  as large markers with an arrow from each unsteered centroid to its steered one."""
-  from vlsafe_jax.eval.plots import _plt, _save
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(7.5, 6))
-  cents = {}
-  for g, c in coords.items():
-    c = np.asarray(c, np.float64)
-    base = g[:-len(STEERED_SUFFIX)] if g.endswith(STEERED_SUFFIX) else g
-    colour = _COLOURS.get(base)
-    steered = g.endswith(STEERED_SUFFIX)
-    label = _LABELS.get(base, base) + (" + CMRM" if steered else "")
-    if steered:
-      ax.scatter(c[:, 0], c[:, 1], s=22, facecolors="none", edgecolors=colour, lw=1.0, label=label)
-    else:
-      ax.scatter(c[:, 0], c[:, 1], s=18, color=colour, alpha=0.75, label=label)
-    cents[g] = c.mean(0)
-    ax.scatter(*cents[g], s=160, marker="X" if not steered else "P", color=colour, edgecolors="black", lw=0.8)
-  for g, m in cents.items():
-    if g.endswith(STEERED_SUFFIX) and g[:-len(STEERED_SUFFIX)] in cents:
-      a = cents[g[:-len(STEERED_SUFFIX)]]
-      ax.annotate("", xy=m, xytext=a, arrowprops=dict(arrowstyle="->", color="black", lw=0.8))
-  for i, set_label in enumerate((ax.set_xlabel, ax.set_ylabel)):
-    set_label(f"PC{i + 1}" + ("" if explained is None else f" ({100 * explained[i]:.1f}% of variance)"))
-  ax.set_title(title + "\nX: centroid, P: centroid with CMRM; PCA fitted on the unsteered points", fontsize=9)
-  ax.legend(fontsize=7, ncol=2, loc="best")
-  return _save(fig, path)
-
 
 def separation_table(summary: Mapping[str, Any]) -> str:
   """Text table of the distances to the unsteered text-only centroid (off / on / reduction) per variant."""
-  from vlsafe_jax.perf import format_table
   rows = []
   for v, d in summary["distance_to_text"].items():
     rows.append([v, f"{d['full']['off']:.4g}", "-" if d['full']['on'] is None else f"{d['full']['on']:.4g}",
@@ -288,34 +200,5 @@ def summarize(states: Mapping[str, np.ndarray]) -> tuple[PCA, dict[str, np.ndarr
   return pca, coords, summary
 
 
-def analyze(model, tokenizer, items: Sequence[Any], out_dir: str | os.PathLike, *, vectors=None,
-            alpha: float = 1.0, layers: Any = "all", apply: str = "all", template: str = "llava_v1",
-            system: str | None = None, noise_seed: int = 0, batch_size: int = 16,
-            meta: Mapping[str, Any] | None = None, stem: str = "cmrm_analysis") -> dict[str, Any]:
-  """Collects the variant states, fits the PCA, writes ``<stem>.png``, ``<stem>.npz`` (``coords_<group>`` (N, 2),
-  ``components`` (2, D), ``mean`` (D,), ``explained_variance_ratio`` (2,)) and ``<stem>.json``; returns the
-  summary (with ``table``, the printable separation table)."""
-  states, notes = collect_states(model, tokenizer, items, vectors=vectors, alpha=alpha, layers=layers,
-                                 apply=apply, template=template, system=system, noise_seed=noise_seed,
-                                 batch_size=batch_size)
-  pca, coords, summary = summarize(states)
-  tc = model.config.text_config
-  summary.update(
-      notes=notes, state=(f"residual output of decoder layer {tc.num_hidden_layers} (last) at the last prompt "
-                          "token, before the final RMSNorm"),
-      steering=None if vectors is None else {"alpha": float(alpha), "layers": layers, "apply": apply},
-      item_ids=[it.id for it in items], meta=dict(meta or {}))
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  np.savez(out / f"{stem}.npz", components=pca.components_kd, mean=pca.mean_d,
-           explained_variance_ratio=pca.explained_variance_ratio_k,
-           **{f"coords_{g.replace(STEERED_SUFFIX, '_cmrm')}": c for g, c in coords.items()})
-  summary["table"] = separation_table(summary)
-  (out / f"{stem}.json").write_text(json.dumps(summary, indent=2, default=str))
-  scatter_plot(coords, out / f"{stem}.png", explained=pca.explained_variance_ratio_k)
-  summary["files"] = [str(out / f"{stem}.{e}") for e in ("png", "npz", "json")]
-  return summary
-
-
 __all__ = ["VARIANTS", "REFERENCE", "STEERED_SUFFIX", "PCA", "pca_fit", "centroid_distances", "with_caption",
-           "variant_inputs", "collect_states", "scatter_plot", "separation_table", "summarize", "analyze"]
+           "variant_inputs", "separation_table", "summarize"]

@@ -88,6 +88,11 @@ class Steerer:
     self._seen += len(prompts)
     return shift.sample_vectors(ht, hc)
 
+  def skip(self, n: int) -> None:
+    """Advances the per-sample noise-seed offset past ``n`` prompts steered elsewhere (a resumed job that reloads
+    a stored set instead of generating it again), so the next prompts get the seeds of an uninterrupted run."""
+    self._seen += int(n)
+
   def __call__(self, batch) -> Mapping[str, Any]:
     """``{"hooks": Hooks}``: the extra ``llava.generate`` keyword argument for this batch."""
     if self.level == "dataset" and self.apply == "all":

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from vlsafe_jax import sharding
+from vlsafe_jax.data.sources import pad_batch
 from vlsafe_jax.methods.uwm import edit, saliency
 
 EncodeFn = Callable[[Any, jax.Array, "jax.Array | None"], Mapping[str, jax.Array]]
@@ -106,7 +107,7 @@ def clip_encode_fn(graphdef: Any, tower: str, capture: Sequence[str]) -> EncodeF
 
 
 def pairs_from_batch(batch: Mapping[str, Any], tower: str) -> dict[str, Any]:
-  """Maps a ``visu.QuadrupletTransform`` batch (quadruplets or calibration pairs) to calibration pairs.
+  """Maps a ``transform.QuadrupletTransform`` batch (quadruplets or calibration pairs) to calibration pairs.
 
   Vision: ``safe_image``/``unsafe_image``; text: ``safe_ids``/``safe_mask``/``unsafe_ids``/``unsafe_mask``.
   """
@@ -149,14 +150,6 @@ def make_step(encode_fn: EncodeFn, cfg: saliency.ScoreConfig) -> Callable:
         valid_safe_bt=batch.get("safe_mask"), valid_unsafe_bt=batch.get("unsafe_mask"), real_b=real_b,
         offset=offset)
   return jax.jit(step, donate_argnums=(0,))
-
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  n = x.shape[0]
-  if n == rows:
-    return x
-  # Repeat the last real row: finite inputs, masked out of every sum by real_b.
-  return np.concatenate([x, np.repeat(x[-1:], rows - n, 0)], 0)
 
 
 def calibrate(encode_fn: EncodeFn, params: Any, batches: Iterable[Mapping[str, Any]],
@@ -207,7 +200,7 @@ def calibrate(encode_fn: EncodeFn, params: Any, batches: Iterable[Mapping[str, A
     if n > rows:
       raise ValueError(f"UWM calibration batch {seen} has {n} pairs, more than the first batch ({rows}); "
                        f"only the last batch may be shorter")
-    padded = {k: _pad_rows(v, rows) for k, v in batch.items()}
+    padded = pad_batch(batch, rows)   # repeats the last real row: finite inputs, masked out of every sum by real_b
     real_b = np.arange(rows) < n
     if mesh is not None:
       padded, real_b = sharding.shard_batch((padded, real_b), mesh)

@@ -1,22 +1,27 @@
-"""The UWM job behind ``python -m vlsafe_jax.uwm``: calibrate, edit, evaluate before/after, save.
+"""The UWM job behind ``python -m vlsafe_jax.uwm``: calibrate, edit, evaluate before/after, save; resumable.
 
 Steps (config keys in brackets; see ``configs/uwm_synthetic.py`` and ``configs/uwm_clip_l14_visu.py``):
 1. base CLIP [model.path, or the synthetic stage-1 CLIP: reused from ``<model.stage1_workdir>/clip_base`` when
    present, else trained there by the existing stage-"clip" trainer];
-2. calibration pairs [calib.*]: the synthetic train split, a UWM manifest (``visu.CalibrationPairs``) per tower,
-   or the ViSU train split (``random.Random(seed)`` shuffle, first ``n_pairs``);
-3. the edit [method = uwm | g_unsafe | g_safe_clip, uwm.*]: text tower first, then vision;
-4. evaluation of the base and edited models [eval.*]: SafeGround, the Safe-CLIP retrieval columns (R@1/5/10/20),
-   zero-shot accuracy (synthetic shapes split, and/or class-per-directory folders);
-5. outputs in the run directory: ``edited_clip/`` (converted CLIP dir), ``masks.npz`` (bool, Flax layout, keyed
-   by layer path), ``eval.json``, optional ``hf_export/`` [export_hf], and a printed before/after table.
+2. stage ``edit``: calibration pairs [calib.*] (the synthetic train split, a UWM manifest per tower, or the ViSU
+   train split; ``data/sources.calibration_sources``), then the edit [method = uwm | g_unsafe | g_safe_clip,
+   uwm.*], text tower first, then vision; writes ``edited_clip/`` (converted CLIP dir) and ``masks.npz`` (bool,
+   Flax layout, keyed by layer path);
+3. stages ``evaluate_before`` / ``evaluate_after``: the base and the edited model [eval.*]: SafeGround, the
+   Safe-CLIP retrieval columns (R@1/5/10/20), zero-shot accuracy (synthetic shapes split, class-per-directory
+   folders, prepared tfds datasets);
+4. report: ``eval.json``, optional ``hf_export/`` [export_hf], and a printed before/after table.
+
+Run directory: ``config.json``, ``metrics.jsonl`` (one record per tower edit and one per evaluated model, keyed by
+``stage`` and ``step``), ``stages/<stage>.json`` (completed stages; a rerun reloads them, ``jobs/stages.py``), and
+the files above. The after-evaluation always reads the edited model back from ``edited_clip/``, so a resumed run
+evaluates exactly what an uninterrupted one does. A finished run prints its results again.
 """
 from __future__ import annotations
 
 import json
-import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +30,22 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert import clip as convert
+from vlsafe_jax import config as config_lib
+from vlsafe_jax import perf
+from vlsafe_jax.data import classification, sources, synthetic
+from vlsafe_jax.data.transform import QuadrupletTransform
+from vlsafe_jax.eval import retrieval, safeground, zeroshot
+from vlsafe_jax.jobs.stages import Stages
+from vlsafe_jax.methods.uwm import baselines
 from vlsafe_jax.methods.uwm import calibrate as cal
 from vlsafe_jax.methods.uwm import edit
+from vlsafe_jax.models.clip import CLIP
+from vlsafe_jax.train import clip_trainer, common
 
 SG_KEYS = ("P^t_s", "P^t_u", "P^v_s", "P^v_u", "Txt_s", "Img_s", "PS", "PU", "GS")
 RET_COLUMNS = ("T_s-V_s", "V_s-T_s", "T_u-V_{u+s}", "V_u-T_{u+s}")
-
-
-class _Subset:
-  """The first ``n`` items of a random-access source, in an optional index order."""
-
-  def __init__(self, source, indices):
-    self.source, self.indices = source, list(indices)
-
-  def __len__(self):
-    return len(self.indices)
-
-  def __getitem__(self, i):
-    return self.source[self.indices[int(i)]]
+STAGES = ("edit", "evaluate_before", "evaluate_after")
 
 
 def uwm_config(c: ml_collections.ConfigDict) -> edit.UWMConfig:
@@ -66,8 +69,6 @@ def base_clip_dir(cfg: ml_collections.ConfigDict) -> Path:
   if cfg.data.kind != "synthetic":
     raise ValueError(f"model.path is required for data.kind={cfg.data.kind!r} (the HF CLIP directory to edit); "
                      f"only the synthetic benchmark has a built-in base model")
-  from vlsafe_jax import config as config_lib
-  from vlsafe_jax.train import clip_trainer, common
   stage1 = config_lib.load(cfg.model.stage1_config, list(cfg.model.stage1_overrides))
   wd = Path(cfg.model.stage1_workdir or Path("runs") / stage1.name)
   out = wd / "clip_base"
@@ -80,63 +81,13 @@ def base_clip_dir(cfg: ml_collections.ConfigDict) -> Path:
   return clip_trainer.train_clip(stage1, wd, common.MetricsWriter(wd / "metrics.jsonl"))
 
 
-def text_encoder(cfg, model_dir: Path):
-  from vlsafe_jax.data import synthetic, visu
-  if cfg.data.kind == "synthetic":
-    return synthetic.SyntheticTokenizer(cfg.data.max_length)
-  from vlsafe_jax.data import tokenize
-  return visu.HFTextEncoder(tokenize.load_tokenizer(cfg.data.tokenizer or model_dir), cfg.data.max_length)
-
-
-def _shuffled(source, n: int, seed: int):
-  idx = list(range(len(source)))
-  random.Random(seed).shuffle(idx)   # uwm.md §2: Python random, seed 0, then the first n_pairs
-  return _Subset(source, idx[:n])
-
-
-def calibration_sources(cfg) -> dict[str, Any]:
-  """``{tower: random-access source}`` of calibration records (images and/or captions)."""
-  from vlsafe_jax.data import synthetic, visu
-  c, d = cfg.calib, cfg.data
-  if d.kind == "synthetic":
-    src = synthetic.SyntheticQuadruplets("train", c.n_pairs, seed=d.seed, image_size=d.image_size)
-    return {"text": src, "vision": src}
-  out = {}
-  for tower, manifest, kind in (("text", c.text_manifest, "text"), ("vision", c.vision_manifest, "image")):
-    if manifest:
-      out[tower] = visu.CalibrationPairs(manifest, kind, c.image_root or None, n_pairs=c.n_pairs, seed=c.seed)
-    elif d.train_json:
-      out[tower] = _shuffled(visu.ViSUQuadruplets(d.train_json, d.coco_root or None, d.unsafe_root or None,
-                                                  require_images=(tower == "vision")), c.n_pairs, c.seed)
-  if not out:
-    raise ValueError("UWM calibration data: give calib.text_manifest / calib.vision_manifest (JSONL "
-                     "{'safe','unsafe','tag'}) or data.train_json (ViSU train split)")
-  return out
-
-
-def test_source(cfg):
-  from vlsafe_jax.data import synthetic, visu
-  d = cfg.data
-  if d.kind == "synthetic":
-    return synthetic.SyntheticQuadruplets("test", d.test_size, seed=d.seed, image_size=d.image_size)
-  if not d.test_json:
-    return None
-  return visu.ViSUQuadruplets(d.test_json, d.coco_root or None, d.unsafe_root or None)
-
-
-def batches(source, transform, batch_size: int) -> Iterable[dict[str, np.ndarray]]:
-  """Unshuffled batches over a source (last one short)."""
-  from vlsafe_jax.data import pipeline
-  return pipeline.make_loader(source, min(batch_size, len(source)), seed=0, shuffle=False, num_epochs=1,
-                              drop_remainder=False, transform=transform, shard_index=0, shard_count=1)
-
-
-def pair_factories(sources, transform, cfg) -> tuple[dict[str, Callable], dict[str, int]]:
+def pair_factories(srcs, transform, cfg) -> tuple[dict[str, Callable], dict[str, int]]:
+  """Per tower: a factory of calibration-pair iterators (one pass each) and its number of batches."""
   fac, totals = {}, {}
-  for tower, src in sources.items():
+  for tower, src in srcs.items():
     bs = cfg.calib.vision_batch_size if tower == "vision" else cfg.calib.text_batch_size
     fac[tower] = (lambda src=src, bs=bs, tower=tower:
-                  (cal.pairs_from_batch(b, tower) for b in batches(src, transform, bs)))
+                  (cal.pairs_from_batch(b, tower) for b in sources.batches(src, transform, bs)))
     totals[tower] = -(-len(src) // bs)
   return fac, totals
 
@@ -156,18 +107,15 @@ def embed_quadruplets(model, source, transform, batch_size: int) -> dict[str, np
 
   outs = {k: [] for k in ("TS", "TU", "IS", "IU")}
   keys = ("safe_ids", "safe_mask", "unsafe_ids", "unsafe_mask", "safe_image", "unsafe_image")
-  for b in batches(source, transform, batch_size):
+  for b in sources.batches(source, transform, batch_size):
     n = b["safe_image"].shape[0]
-    pad = {k: np.concatenate([b[k], np.repeat(b[k][-1:], batch_size - n, 0)]) if n < batch_size else b[k]
-           for k in keys}
-    for k, e in zip(outs, jax.device_get(enc(state, pad))):
+    for k, e in zip(outs, jax.device_get(enc(state, sources.pad_batch(b, batch_size, keys)))):
       outs[k].append(np.asarray(e[:n], np.float32))
   return {k: np.concatenate(v) for k, v in outs.items()}
 
 
 def zeroshot_datasets(cfg) -> dict[str, tuple[Any, list[str], str]]:
-  from vlsafe_jax.data import synthetic
-  from vlsafe_jax.eval import zeroshot as zs
+  """``{name: (source, class names, template)}`` of the configured zero-shot sets [eval.*]."""
   out = {}
   if cfg.eval.synthetic_zeroshot:
     src = synthetic.ZeroShotShapes(cfg.eval.zeroshot_size, seed=cfg.data.seed, image_size=cfg.data.image_size,
@@ -177,8 +125,8 @@ def zeroshot_datasets(cfg) -> dict[str, tuple[Any, list[str], str]]:
     name, _, path = spec.partition("=")
     if not path:
       raise ValueError(f"eval.zeroshot_folders entry {spec!r} must be 'Name=/path/to/class_folders'")
-    src = zs.ImageFolder(path)
-    out[name] = (src, src.class_names, zs.template_for(name))
+    src = classification.ImageFolder(path)
+    out[name] = (src, src.class_names, zeroshot.template_for(name))
   for spec in cfg.eval.get("zeroshot_tfds", ()):
     # (name, path, split[, builder[, image_key[, label_key]]]); name picks the uwm.md §9.3 template
     if isinstance(spec, str) or not 3 <= len(spec) <= 6:
@@ -186,18 +134,16 @@ def zeroshot_datasets(cfg) -> dict[str, tuple[Any, list[str], str]]:
                        f"[, image_key[, label_key]]]), path = a prepared tfds builder dir or a data_dir")
     name, path, split, *rest = (str(v) for v in spec)
     rest += ["", "image", "label"][len(rest):]
-    src = zs.TfdsSource(path, split, builder=rest[0], image_key=rest[1], label_key=rest[2])
-    out[name] = (src, src.class_names, zs.template_for(name))
+    src = classification.TfdsSource(path, split, builder=rest[0], image_key=rest[1], label_key=rest[2])
+    out[name] = (src, src.class_names, zeroshot.template_for(name))
   return out
 
 
-def evaluate(model, cfg, tokenizer, test, zs_sets, progress: bool = True) -> dict[str, Any]:
+def evaluate(model, cfg, tokenizer, test, zs_sets) -> dict[str, Any]:
   """SafeGround + retrieval columns on the test split, zero-shot accuracies; one model."""
-  from vlsafe_jax.data import visu
-  from vlsafe_jax.eval import retrieval, safeground, zeroshot
   res: dict[str, Any] = {}
   if test is not None:
-    tf = visu.QuadrupletTransform(tokenizer, image_size=cfg.data.image_size)
+    tf = QuadrupletTransform(tokenizer, image_size=cfg.data.image_size)
     e = embed_quadruplets(model, test, tf, cfg.eval.batch_size)
     res["safeground"] = safeground.safeground(e["TS"], e["TU"], e["IS"], e["IU"])
     res["retrieval"] = retrieval.safe_clip_columns(e["TS"], e["TU"], e["IS"], e["IU"])
@@ -206,6 +152,15 @@ def evaluate(model, cfg, tokenizer, test, zs_sets, progress: bool = True) -> dic
     ev = zeroshot.clip_evaluator(model, tokenizer, cfg.data.image_size, cfg.eval.batch_size)
     res["zeroshot"] = ev.evaluate_all(zs_sets, limit=cfg.eval.zeroshot_limit or None)
   return res
+
+
+def flat_metrics(res: dict[str, Any]) -> dict[str, float]:
+  """One evaluation as a flat ``{metric name: value}`` record (the names of :func:`results_rows`)."""
+  out = {f"SafeGround {k}": float(v) for k, v in res.get("safeground", {}).items()}
+  for col, rs in res.get("retrieval", {}).items():
+    out.update({f"{col} {r}": float(v) for r, v in rs.items()})
+  out.update({f"zero-shot {k}": float(v) for k, v in res.get("zeroshot", {}).items()})
+  return out
 
 
 def results_rows(before: dict, after: dict) -> list[list[Any]]:
@@ -225,61 +180,81 @@ def results_rows(before: dict, after: dict) -> list[list[Any]]:
   return [[n, round(b, 2), round(a, 2), round(d, 2)] for n, b, a, d in rows]
 
 
+def print_results(out: dict[str, Any], workdir: Path) -> None:
+  """Prints the before/after table of an ``eval.json`` dict."""
+  label = " (SYNTHETIC benchmark: a demonstration, not the paper's evaluation)" if out["synthetic"] else ""
+  print(f"\n[uwm] {out['method']} on {out['base_model']}{label}; edit {out['edit_seconds']:.1f}s; run dir {workdir}")
+  for tower, info in out["edit"].items():
+    print(f"[uwm] {tower}: {info}")
+  print(perf.format_table(["metric", "before", "after", "delta"], results_rows(out["before"], out["after"])))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The job
 
-def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
-  """Runs the UWM job of ``cfg`` into ``workdir``; returns the ``eval.json`` dict."""
-  from checkpoints_convert import clip as convert
-  from vlsafe_jax import perf
-  from vlsafe_jax.data import visu
-  from vlsafe_jax.models.clip import CLIP
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(json.loads(json.dumps(cfg.to_dict(), default=list)), indent=2))
-  t0 = time.perf_counter()
-
-  model_dir = base_clip_dir(cfg)
-  model = CLIP.from_pretrained(model_dir)
-  tok = text_encoder(cfg, model_dir)
-  transform = visu.QuadrupletTransform(tok, image_size=cfg.data.image_size)
-  sources = calibration_sources(cfg)
-  sources = {t: s for t, s in sources.items() if t in cfg.towers}
-  fac, totals = pair_factories(sources, transform, cfg)
-
+def edit_stage(cfg, model, tok, model_dir: Path, workdir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Calibrates and edits ``model``; writes ``edited_clip/`` and ``masks.npz``; returns (result, records)."""
+  transform = QuadrupletTransform(tok, image_size=cfg.data.image_size)
+  srcs = sources.calibration_sources(cfg.data, cfg.calib, cfg.towers)
+  fac, totals = pair_factories(srcs, transform, cfg)
   t_edit = time.perf_counter()
   if cfg.method == "uwm":
     res = cal.uwm_clip(model, fac, uwm_config(cfg.uwm), progress=cfg.progress, totals=totals)
   else:
-    from vlsafe_jax.methods.uwm import baselines
     if cfg.data.kind != "synthetic" and not cfg.data.train_json:
       raise ValueError(f"method={cfg.method!r} needs quadruplets (image and text of both sides): use the "
                        f"synthetic data or data.train_json (ViSU)")
-    quad = {t: (lambda src=src, bs=cfg.calib.baseline_batch_size: batches(src, transform, bs))
-            for t, src in sources.items()}
+    quad = {t: (lambda src=src, bs=cfg.calib.baseline_batch_size: sources.batches(src, transform, bs))
+            for t, src in srcs.items()}
     res = baselines.baseline_clip(model, quad, cfg.method, uwm_config(cfg.uwm), progress=cfg.progress)
   edit_s = time.perf_counter() - t_edit
-
-  test = test_source(cfg)
-  zs_sets = zeroshot_datasets(cfg)
-  before = evaluate(model, cfg, tok, test, zs_sets)
-  after = evaluate(res.model, cfg, tok, test, zs_sets)
-
   convert.save_converted(res.model, workdir / "edited_clip", src=model_dir)
   np.savez_compressed(workdir / "masks.npz", **{k: np.asarray(v) for k, v in res.masks.items()})
+  records = [{"tower": tower, **info} for tower, info in res.info.items()]
+  return {"info": res.info, "edit_seconds": edit_s}, records
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+  """Runs (or resumes) the UWM job of ``cfg`` in ``workdir``; returns the ``eval.json`` dict."""
+  workdir = common.prepare_workdir(Path(workdir), cfg)
+  if (workdir / "eval.json").is_file():
+    out = json.loads((workdir / "eval.json").read_text())
+    print(f"run in {workdir} is finished; its results:")
+    print_results(out, workdir)
+    return out
+  t0 = time.perf_counter()
+  model_dir = base_clip_dir(cfg)
+  tok = sources.make_text_encoder(cfg.data, model_dir)
+  stages = Stages(workdir, common.MetricsWriter(workdir / "metrics.jsonl"), "uwm", len(STAGES), cfg.progress)
+  base: list[CLIP] = []
+
+  def base_model() -> CLIP:   # loaded only when a stage that needs it is not stored yet
+    if not base:
+      base.append(CLIP.from_pretrained(model_dir))
+    return base[0]
+
+  edited = stages.run("edit", lambda: edit_stage(cfg, base_model(), tok, model_dir, workdir))
+  test = sources.split_source(cfg.data, "test")
+  zs_sets = zeroshot_datasets(cfg)
+
+  def evaluate_stage(model_fn):
+    res = evaluate(model_fn(), cfg, tok, test, zs_sets)
+    return res, [flat_metrics(res)]
+
+  before = stages.run("evaluate_before", lambda: evaluate_stage(base_model))
+  edited_model = CLIP.from_pretrained(workdir / "edited_clip")
+  after = stages.run("evaluate_after", lambda: evaluate_stage(lambda: edited_model))
+  stages.close()
+
   if cfg.export_hf:
-    convert.export_hf(res.model, workdir / "hf_export", src=model_dir)
+    convert.export_hf(edited_model, workdir / "hf_export", src=model_dir)
   out = {"config": cfg.name, "method": cfg.method, "synthetic": cfg.data.kind == "synthetic",
-         "base_model": str(model_dir), "edit": res.info, "edit_seconds": edit_s,
+         "base_model": str(model_dir), "edit": edited["info"], "edit_seconds": edited["edit_seconds"],
          "total_seconds": time.perf_counter() - t0, "before": before, "after": after}
   (workdir / "eval.json").write_text(json.dumps(out, indent=2))
-  label = " (SYNTHETIC benchmark: a demonstration, not the paper's evaluation)" if out["synthetic"] else ""
-  print(f"\n[uwm] {cfg.method} on {model_dir}{label}; edit {edit_s:.1f}s; run dir {workdir}")
-  for tower, info in res.info.items():
-    print(f"[uwm] {tower}: {info}")
-  print(perf.format_table(["metric", "before", "after", "delta"], results_rows(before, after)))
+  print_results(out, workdir)
   return out
 
 
-__all__ = ["uwm_config", "base_clip_dir", "calibration_sources", "embed_quadruplets", "evaluate", "results_rows",
-           "run"]
+__all__ = ["SG_KEYS", "RET_COLUMNS", "STAGES", "uwm_config", "base_clip_dir", "pair_factories", "embed_quadruplets",
+           "zeroshot_datasets", "evaluate", "flat_metrics", "results_rows", "print_results", "edit_stage", "run"]
