@@ -15,7 +15,7 @@ from flax import nnx
 
 from vlsafe_jax.data import synthetic_vlm as S
 from vlsafe_jax.data.vlm_prompts import SEG_CAPTION, SEG_IMAGE, build_prompt
-from vlsafe_jax.eval.vlm_safety import SafetyItem
+from vlsafe_jax.data.prompt_sets import SafetyItem
 from vlsafe_jax.methods.cmrm import analysis as A
 from vlsafe_jax.methods.cmrm import shift
 from vlsafe_jax.models import llava as LV

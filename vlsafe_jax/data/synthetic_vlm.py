@@ -31,7 +31,7 @@ Neither reproduces the paper's erosion; the setting still exercises the whole CM
 
 Public API: :class:`WordTokenizer` (HF-style ``__call__``/``decode``, works with
 :func:`vlsafe_jax.data.vlm_prompts.build_prompt`), :func:`llava_config`, :class:`SyntheticVLM` (items and eval
-sets as :class:`vlsafe_jax.eval.vlm_safety.SafetyItem`), :func:`train` (jitted, minutes on CPU),
+sets as :class:`vlsafe_jax.data.prompt_sets.SafetyItem`), :func:`train` (jitted, minutes on CPU),
 :func:`save` / :func:`load` (a converted LLaVA directory readable by ``Llava.from_pretrained`` + ``vocab.json``).
 """
 from __future__ import annotations
@@ -232,7 +232,7 @@ def eval_scene(seed: int, item_id: str, image_size: int):
 class SyntheticVLM:
   """Train rows and evaluation sets of the setting (deterministic from ``seed``).
 
-  Evaluation sets (lists of :class:`vlsafe_jax.eval.vlm_safety.SafetyItem` with in-memory uint8 images):
+  Evaluation sets (lists of :class:`vlsafe_jax.data.prompt_sets.SafetyItem` with in-memory uint8 images):
   ``harmful`` (held-out harmful requests, each with a benign scene image; category = harm category),
   ``benign`` (held-out benign requests with an image), ``grounded`` (image questions; ``caption`` holds the
   expected answer for utility scoring), and ``anchor`` (CMRM anchor set: other scenes with held-out harmful and
@@ -250,7 +250,7 @@ class SyntheticVLM:
     return eval_scene(self.seed, f"{name}-{i}", self.image_size)
 
   def eval_set(self, name: str, limit: int | None = None):
-    from vlsafe_jax.eval.vlm_safety import SafetyItem
+    from vlsafe_jax.data.prompt_sets import SafetyItem
     harm = [r for r in self.eval_requests if r.harmful]
     ben = [r for r in self.eval_requests if not r.harmful]
     items = []

@@ -150,7 +150,7 @@ class TGASynthetic:
 
   def toxic_items(self):
     """Unseen hazard images with "describe this image ." (category = hazard), as harness SafetyItems."""
-    from vlsafe_jax.eval.vlm_safety import SafetyItem
+    from vlsafe_jax.data.prompt_sets import SafetyItem
     return [SafetyItem(f"tox-{i}", DESCRIBE_IMAGE, self.test[i]["unsafe_image"], self.test[i]["tag"],
                        self.test[i]["unsafe_caption"]) for i in range(len(self.test))]
 

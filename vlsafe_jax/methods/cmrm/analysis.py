@@ -172,7 +172,7 @@ def collect_states(model, tokenizer, items: Sequence[Any], *, vectors=None, alph
 
   Args:
     model: a :class:`vlsafe_jax.models.llava.Llava`. tokenizer: the prompt tokenizer.
-    items: :class:`vlsafe_jax.eval.vlm_safety.SafetyItem` s, each with an image (``caption`` optional).
+    items: :class:`vlsafe_jax.data.prompt_sets.SafetyItem` s, each with an image (``caption`` optional).
     vectors: (L, D) CMRM vectors; None = unsteered groups only. alpha / layers / apply: as ``steer.steer_kwargs``.
     layer: 0-based decoder layer whose residual output is collected (-1 = the last; before the final norm).
     use_captions: build the ``caption`` variant when every item has a caption.

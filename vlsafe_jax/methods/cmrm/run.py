@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vlsafe_jax import config as config_lib
+from vlsafe_jax.data import prompt_sets
 from vlsafe_jax.eval import judge as judge_lib
 from vlsafe_jax.eval import vlm_safety as V
 from vlsafe_jax.methods.cmrm import shift, steer
@@ -52,7 +53,7 @@ def load_sets(cfg) -> tuple[dict[str, list[V.SafetyItem]], list[V.SafetyItem]]:
   rng = np.random.default_rng(cfg.seed)
   for spec in cfg.data.sets:
     name, kind, path = spec.split(":", 2)
-    items = V.read_prompt_set(path, kind, image_root=cfg.data.image_root or None)
+    items = prompt_sets.read_prompt_set(path, kind, image_root=cfg.data.image_root or None)
     perm = rng.permutation(len(items))
     k = int(round(cfg.data.anchor_fraction * len(items)))
     anchors += [items[i] for i in sorted(perm[:k]) if items[i].has_image]
