@@ -3,16 +3,10 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from vlsafe_jax.data import prompt_sets as PS
 from vlsafe_jax.eval import judge as J
 from vlsafe_jax.eval import vlm_safety as V
-
-
-def _write_images(tmp_path):
-  for name in ("a.png", "b.png"):
-    Image.fromarray(np.full((40, 30, 3), 128, np.uint8)).save(tmp_path / name)
 
 
 def test_rates_per_category(tmp_path):
