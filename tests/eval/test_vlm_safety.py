@@ -27,8 +27,9 @@ def test_generate_responses_mixed_batch_matches_single():
   from flax import nnx
   from vlsafe_jax.data import synthetic_vlm as S
   from vlsafe_jax.models import llava as LV
+  from vlsafe_jax.train import vlm_base
   tok = S.WordTokenizer()
-  cfg = S.llava_config(tok, width=24, layers=2, mlp=37, vision_width=16)
+  cfg = vlm_base.llava_config(tok, width=24, layers=2, mlp=37, vision_width=16)
   model = LV.Llava(cfg, rngs=nnx.Rngs(0))
   img = S.scene_image(0, 0)[0]
   items = [PS.SafetyItem("0", "how do i bake a cake ?", img), PS.SafetyItem("1", "how do i grow roses ?", None),

@@ -16,7 +16,7 @@ DEFAULT_CONFIG = "hysac_synthetic"
 TRAINERS = {
     "lorentz_demo": "vlsafe_jax.train.lorentz_demo:run",
     "hysac": "vlsafe_jax.train.hysac_trainer:run",
-    "tga": "vlsafe_jax.train.tga_trainer:run",
+    "tga": "vlsafe_jax.jobs.tga:run",
 }
 
 

@@ -26,10 +26,10 @@ COMMANDS = ("extract", "generate", "evaluate", "sweep", "analyze")
 def load_model(cfg, workdir: Path):
   """(model, tokenizer, model_id) for ``cfg.model.kind`` ``synthetic`` (trained on first use) or ``hf``."""
   if cfg.model.kind == "synthetic":
-    from vlsafe_jax.data import synthetic_vlm as S
+    from vlsafe_jax.train import vlm_base
     path = Path(cfg.model.path) if cfg.model.path else workdir / "model"
-    tc = S.TrainConfig(steps=cfg.model.train_steps, batch_size=cfg.model.train_batch_size, seed=cfg.seed)
-    model, tok = S.train_or_load(path, seed=cfg.seed, train_cfg=tc, model_kwargs=dict(cfg.model.sizes),
+    tc = vlm_base.TrainConfig(steps=cfg.model.train_steps, batch_size=cfg.model.train_batch_size, seed=cfg.seed)
+    model, tok = vlm_base.train_or_load(path, seed=cfg.seed, train_cfg=tc, model_kwargs=dict(cfg.model.sizes),
                                  progress=cfg.progress)
     return model, tok, f"synthetic:{path}"
   if cfg.model.kind == "hf":

@@ -1,0 +1,1 @@
+"""Jobs: one module per method (stages + evaluation + report), called by the thin entry points."""
