@@ -155,6 +155,7 @@ class TrainConfig:
   stage2_steps: int = 300
   log_every: int = 50
   checkpoint_every: int = 100
+  max_steps_this_run: int = 0       # > 0: stop after that many steps (a simulated kill; re-running resumes)
 
 
 def mixture_plan(cfg: TrainConfig) -> list[tuple[int, ...]]:
@@ -208,7 +209,8 @@ def train_synthetic_vlm(setting: synthetic_vlm.SyntheticVLM, model_config: Llava
 
   mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
   train_cfg = ml_collections.ConfigDict(dict(log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                                             nonfinite="raise", max_steps_this_run=0, progress=progress))
+                                             nonfinite="raise", max_steps_this_run=cfg.max_steps_this_run,
+                                             progress=progress))
   log: list[dict[str, float]] = []
   with jax.set_mesh(mesh):
     setup = common.build_setup(model, nnx.Param, make_tx, mesh, make_loss_fn=make_loss_fn, total_steps=total)
