@@ -8,7 +8,9 @@
   hysac   --src hysac_model.pth [--bounds hysac_bounds.json] --base HF_CLIP_DIR --dst OUT_DIR
           released HySAC weights -> HySAC trainable-state dir (methods/hysac/model.py load_hysac)
 
-New model families add a module with ``convert_cli`` (and ``export_cli``) and a sub-parser in ``_parser()``.
+New model families add a module with their key table and ``Family`` record, an entry in :data:`_FAMILIES` and a
+sub-parser in ``_parser()``. This entry point is the one place in the package that imports the model classes: it
+hands them to the generic loader (the family modules sit below ``vlsafe_jax.models``).
 """
 from __future__ import annotations
 
@@ -18,40 +20,58 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+from checkpoints_convert import clip, hysac, llama, llava  # noqa: E402
+from checkpoints_convert.mapping import ConversionError, dtype_from_name  # noqa: E402
+from checkpoints_convert.safetensors_io import CheckpointFormatError  # noqa: E402
+from vlsafe_jax.methods.hysac import model as hysac_model  # noqa: E402
+from vlsafe_jax.models import lora  # noqa: E402
+from vlsafe_jax.models.clip import CLIP  # noqa: E402
+from vlsafe_jax.models.llama import Llama  # noqa: E402
+from vlsafe_jax.models.llava import Llava  # noqa: E402
+
 _DTYPES = ("float32", "bfloat16", "float16")
+# Sub-command -> (family record, model class): from_pretrained reads HF or converted directories.
+_FAMILIES = {"clip": (clip.CLIP_FAMILY, CLIP), "llava": (llava.LLAVA_FAMILY, Llava),
+             "llama": (llama.LLAMA_FAMILY, Llama)}
+
+
+def _build_hysac(base, **options):
+  return hysac_model.HySAC.from_pretrained(base, hysac_model.HySACOptions(**options))
+
+
+# What the released-weights importer needs from the HySAC model code.
+HYSAC_CODE = hysac.HySACModelCode(build=_build_hysac, lora_sites=lora.lora_sites, save=hysac_model.save_trainable)
 
 
 def _cmd_convert(args) -> None:
-  """``clip`` / ``llava`` / ``llama``: the family module's ``convert_cli`` (HF directory -> converted directory)."""
-  family = importlib.import_module(f"checkpoints_convert.{args.cmd}")
+  """``clip`` / ``llava`` / ``llama``: HF directory -> converted directory."""
+  family, model_cls = _FAMILIES[args.cmd]
   t0 = time.perf_counter()
-  out = family.convert_cli(args.src, args.dst, args.param_dtype)
+  model = model_cls.from_pretrained(args.src, param_dtype=dtype_from_name(args.param_dtype))
+  out = family.save_converted(model, args.dst, src=args.src)
   print(f"converted {args.src} -> {out} in {time.perf_counter() - t0:.1f} s")
 
 
 def _cmd_export(args) -> None:
-  from checkpoints_convert import clip
   t0 = time.perf_counter()
-  out = clip.export_cli(args.src, args.dst, args.dtype)
+  out = clip.export_hf(CLIP.from_pretrained(args.src), args.dst, dtype=dtype_from_name(args.dtype), src=args.src)
   print(f"exported {args.src} -> {out} (HF CLIP layout) in {time.perf_counter() - t0:.1f} s")
 
 
 def _cmd_hysac(args) -> None:
-  from checkpoints_convert import hysac
   t0 = time.perf_counter()
-  out = hysac.convert_cli(args.src, args.base, args.dst, args.bounds, args.lora_alpha,
-                          check_base=not args.no_check_base)
+  out = hysac.convert(args.src, args.base, args.dst, code=HYSAC_CODE, bounds=args.bounds,
+                      lora_alpha=args.lora_alpha, check_base=not args.no_check_base)
   print(f"imported {args.src} -> {out} (base CLIP {args.base}) in {time.perf_counter() - t0:.1f} s")
 
 
 def _cmd_llava_export(args) -> None:
-  from checkpoints_convert import llava
   t0 = time.perf_counter()
-  out = llava.export_cli(args.src, args.dst, args.dtype, args.vision_naming)
+  out = llava.export_hf(Llava.from_pretrained(args.src), args.dst, dtype=dtype_from_name(args.dtype),
+                        vision_naming=args.vision_naming, src=args.src)
   print(f"exported {args.src} -> {out} (HF LLaVA layout, {args.vision_naming} vision naming) in "
         f"{time.perf_counter() - t0:.1f} s")
 
@@ -101,8 +121,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
   args = _parser().parse_args(argv)
-  from checkpoints_convert.mapping import ConversionError
-  from checkpoints_convert.safetensors_io import CheckpointFormatError
   try:
     args.fn(args)
   except (ConversionError, CheckpointFormatError) as e:

@@ -11,25 +11,35 @@ The reference saves one torch state dict of its ``HySAC`` module: two PEFT-0.4-w
 
 Every key must be one of these. Base weights (when present; frozen in HySAC training) are checked by name and
 shape against the ``--base`` CLIP and must equal its values (allclose, atol 1e-5 + rtol 1e-3), because the output
-references ``--base`` instead of copying it. LoRA tensors go through ``models.lora.import_peft`` (layout
-transforms, rank check, every site covered). All problems are collected into one error.
+references ``--base`` instead of copying it. LoRA tensors go through :func:`checkpoints_convert.peft.import_peft`
+(layout transforms, rank check, every site covered). All problems are collected into one error.
 
-Output (``--dst``): the HySAC trainable-state directory of ``methods/hysac/model.py`` (``hysac_trainable.json``
-recording the base path + ``hysac_trainable.safetensors`` with LoRA + scalars), loadable with
+Output (``--dst``): the HySAC trainable-state directory (``hysac_trainable.json`` recording the base path +
+``hysac_trainable.safetensors`` with LoRA + scalars; ``vlsafe_jax.model_io``), loadable with
 ``vlsafe_jax.methods.hysac.model.load_hysac(dst)``; plus ``bounds.json`` when ``--bounds`` is given (validated, the
 reference's S/U/V/G keys). torch is imported only when :func:`read_pth` runs (``safetensors_io.torch_load``).
+
+The HySAC model code sits above this package, so :func:`convert` is handed it as a :class:`HySACModelCode` record
+(the CLI in ``__main__`` builds it from ``methods/hysac/model.py`` and ``models/lora.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from checkpoints_convert import peft
+from checkpoints_convert.clip import CLIP_KEYMAP
 from checkpoints_convert.mapping import ConversionError
 from checkpoints_convert.safetensors_io import CheckpointFormatError, check_finite, torch_load
+from vlsafe_jax import model_io
 
 PREFIXES = {"visual": "visual.base_model.model.", "textual": "textual.base_model.model."}
 # What each tower's HF model may contain after its prefix (its own CLIP*ModelWithProjection keys).
@@ -39,6 +49,25 @@ IGNORED = ("pixel_mean", "pixel_std")
 _LORA = re.compile(r"\.lora_[AB]\.[^.]+\.weight$")
 _BUFFER = re.compile(r"(^|\.)position_ids$")
 BASE_ATOL, BASE_RTOL = 1e-5, 1e-3
+# The frozen CLIP weights of a LoRA-wrapped model (LoRAParam subclasses Param), as models.lora.BASE_PARAMS.
+_BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
+@dataclasses.dataclass(frozen=True)
+class HySACModelCode:
+  """The HySAC model code :func:`convert` drives (passed in: this package sits below models/ and methods/).
+
+  Attributes:
+    build: ``(base dir, *, lora_rank, lora_alpha, lora_dropout, lora_targets) -> HySAC`` with the base CLIP of
+      ``base dir`` and fresh adapters (``HySAC.from_pretrained(base, HySACOptions(...))``); the model has
+      ``.clip``, ``.scalars`` and ``.clamp_scalars_()``.
+    lora_sites: ``module -> {dotted site name: LoRA site}`` (``models.lora.lora_sites``).
+    save: ``(model, dst, *, base_path, extra) -> Path``: writes the trainable-state directory
+      (``methods.hysac.model.save_trainable``).
+  """
+  build: Callable[..., Any]
+  lora_sites: Callable[[Any], Mapping[str, Any]]
+  save: Callable[..., Any]
 
 
 class HySACImportError(ConversionError):
@@ -104,11 +133,7 @@ def split_keys(sd: Mapping[str, np.ndarray]) -> tuple[dict, dict, dict, list[str
 
 def _check_base(model, base: Mapping[str, tuple[str, np.ndarray]]) -> list[str]:
   """Base weights of the checkpoint vs the ``--base`` CLIP inside ``model``: names, shapes, values."""
-  from flax import nnx
-
-  from checkpoints_convert.clip import CLIP_KEYMAP
-  from vlsafe_jax.models import lora as lora_lib
-  flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model.clip, lora_lib.BASE_PARAMS))}
+  flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model.clip, _BASE_PARAMS))}
   errors = []
   for rest, (key, arr) in sorted(base.items()):
     hits = CLIP_KEYMAP.to_ours(rest)
@@ -126,7 +151,7 @@ def _check_base(model, base: Mapping[str, tuple[str, np.ndarray]]) -> list[str]:
   return errors
 
 
-def convert(src: str | os.PathLike, base: str | os.PathLike, dst: str | os.PathLike, *,
+def convert(src: str | os.PathLike, base: str | os.PathLike, dst: str | os.PathLike, *, code: HySACModelCode,
             bounds: str | os.PathLike | None = None, lora_alpha: float = 1.0, lora_dropout: float = 0.1,
             check_base: bool = True) -> Path:
   """Converts the released HySAC checkpoint into a trainable-state directory (see the module docstring).
@@ -135,6 +160,7 @@ def convert(src: str | os.PathLike, base: str | os.PathLike, dst: str | os.PathL
     src: ``hysac_model.pth``.
     base: HF (or converted) CLIP directory the checkpoint was fine-tuned from (openai/clip-vit-large-patch14).
     dst: output directory.
+    code: the HySAC model code (:class:`HySACModelCode`).
     bounds: optional ``hysac_bounds.json``, copied to ``dst/bounds.json`` after validation.
     lora_alpha: PEFT ``lora_alpha`` (not stored in a state dict; HySAC used 1 with r = 16 -> scaling 1/16). The
       rank is read from the tensors.
@@ -147,11 +173,6 @@ def convert(src: str | os.PathLike, base: str | os.PathLike, dst: str | os.PathL
   Raises:
     HySACImportError (a ConversionError): every unmatched / mis-shaped / differing key at once.
   """
-  import jax.numpy as jnp
-
-  from vlsafe_jax.eval.hysac_eval import load_bounds, save_bounds
-  from vlsafe_jax.methods.hysac import model as hm
-  from vlsafe_jax.models import lora as lora_lib
   sd = read_pth(src)
   lora, base_w, scalars, errors = split_keys(sd)
   ranks = {int(v.shape[0]) for k, v in lora.items() if ".lora_A." in k and np.ndim(v) >= 2}
@@ -159,17 +180,16 @@ def convert(src: str | os.PathLike, base: str | os.PathLike, dst: str | os.PathL
     errors.append(f"LoRA ranks differ across sites: {sorted(ranks)}")
   if not lora:
     errors.append("no LoRA tensors (<tower prefix><module>.lora_A.default.weight) found")
-  b = load_bounds(bounds) if bounds is not None else None
+  b = model_io.load_bounds(bounds) if bounds is not None else None
   if errors:
     raise HySACImportError(str(src), errors)
   targets = sorted({re.sub(r"\.lora_[AB]\..*$", "", k).rsplit(".", 1)[-1] for k in lora})
-  options = hm.HySACOptions(lora_rank=ranks.pop(), lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                            lora_targets=tuple(targets))
-  model = hm.HySAC.from_pretrained(base, options)
+  model = code.build(base, lora_rank=ranks.pop(), lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                     lora_targets=tuple(targets))
   if check_base:
     errors += _check_base(model, base_w)
   try:
-    lora_lib.import_peft(model.clip, lora, prefix=tuple(PREFIXES.values()))
+    peft.import_peft(code.lora_sites(model.clip), lora, prefix=tuple(PREFIXES.values()))
   except ValueError as e:
     errors.append(str(e))
   if errors:
@@ -179,18 +199,12 @@ def convert(src: str | os.PathLike, base: str | os.PathLike, dst: str | os.PathL
     var.set_value(jnp.asarray(value, jnp.float32))
   raw = dict(scalars)
   model.clamp_scalars_()
-  out = hm.save_trainable(model, dst, base_path=str(Path(base).resolve()),
-                          extra={"source": str(Path(src).resolve()), "imported_scalars": raw,
-                                 "imported_from": "hysac_model.pth (PEFT 0.4 state dict)"})
+  out = code.save(model, dst, base_path=str(Path(base).resolve()),
+                  extra={"source": str(Path(src).resolve()), "imported_scalars": raw,
+                         "imported_from": "hysac_model.pth (PEFT 0.4 state dict)"})
   if b is not None:
-    save_bounds(Path(out) / "bounds.json", b)
+    model_io.save_bounds(Path(out) / "bounds.json", b)
   return Path(out)
 
 
-def convert_cli(src: str, base: str, dst: str, bounds: str | None = None, lora_alpha: float = 1.0,
-                check_base: bool = True) -> Path:
-  """``python -m checkpoints_convert hysac``."""
-  return convert(src, base, dst, bounds=bounds, lora_alpha=lora_alpha, check_base=check_base)
-
-
-__all__ = ["HySACImportError", "PREFIXES", "SCALAR_KEYS", "read_pth", "split_keys", "convert", "convert_cli"]
+__all__ = ["HySACImportError", "HySACModelCode", "PREFIXES", "SCALAR_KEYS", "read_pth", "split_keys", "convert"]

@@ -1,4 +1,4 @@
-"""HF LLaVA (``LlavaForConditionalGeneration``) <-> vlsafe_jax ``Llava``: key table, loading, export.
+"""HF LLaVA (``LlavaForConditionalGeneration``) <-> vlsafe_jax ``Llava``: key table, normalisation, tied head, Family.
 
 Accepted inputs (platform.md §4.3, §4.5): ``model.safetensors``, sharded safetensors + index, or (with torch)
 ``pytorch_model.bin``; both vision-tower namings (hub ``vision_tower.vision_model.*``, transformers-5
@@ -12,33 +12,26 @@ Loading streams tensor by tensor (decoder layers are stacked one parameter at a 
 :mod:`checkpoints_convert.llama`); with a mesh every tensor is ``device_put`` with its NamedSharding as soon as it
 is read, so a 7B/13B checkpoint never sits whole on one device. fp16/bf16 are kept unless ``param_dtype`` casts.
 
-A *converted directory* holds ``config.json`` (HF LLaVA config), ``vlsafe_jax.json`` (marker) and
-``flax_model.safetensors`` (nnx paths, Flax layout, stacked decoder layers).
+``Llava.from_pretrained`` loads HF and converted directories (``vlsafe_jax.model_io``) through
+:data:`LLAVA_FAMILY`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import shutil
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert.family import Family
 from checkpoints_convert.llama import export_llama_tensors, load_llama_state
-from checkpoints_convert.mapping import (IDENTITY_KEYMAP, ConversionError, KeyMap, Rule, Transform, dtype_from_name,
-                                         export_tensors, load_state, placement)
-from checkpoints_convert.safetensors_io import (MARKER, converted_weights, has_format, open_hf_weights, parse_config,
-                                                save_safetensors)
+from checkpoints_convert.mapping import ConversionError, KeyMap, Rule, Transform
 
-FORMAT = "vlsafe_jax.llava"
-FLAX_WEIGHTS = "flax_model.safetensors"
 STACKED_PREFIX = "language_model.model.layers."
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
               "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
@@ -130,23 +123,6 @@ class NormalisedSource:
     return self.source.get(self._orig[key])
 
 
-def read_config(directory: str | os.PathLike):
-  """``LlavaConfig`` from ``directory/config.json``."""
-  from vlsafe_jax.models.llava import LlavaConfig
-  return parse_config(directory, LlavaConfig.from_hf, "LLaVA")
-
-
-def is_converted(directory: str | os.PathLike) -> bool:
-  return has_format(directory, FORMAT)
-
-
-def abstract_llava(config, *, dtype=jnp.float32, param_dtype=jnp.float32):
-  """(graphdef, abstract state) of a ``Llava`` without allocating parameters."""
-  from vlsafe_jax.models.llava import Llava
-  model = nnx.eval_shape(lambda: Llava(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  return nnx.split(model)
-
-
 HEAD_KEY, EMBED_KEY = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
 
 
@@ -188,57 +164,6 @@ def load_llava_state(source, abstract_state: nnx.State, config, *, source_name: 
   return state
 
 
-def load_llava(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
-               config=None, progress=None):
-  """Builds a ``vlsafe_jax.models.llava.Llava`` from an HF LLaVA directory or a converted directory.
-
-  Args:
-    dtype: compute dtype. param_dtype: cast floating parameters (None keeps the file's dtype).
-    mesh: place every tensor with the logical sharding table as soon as it is read.
-    config: a ``LlavaConfig`` overriding config.json.
-  Raises:
-    CheckpointFormatError (missing/corrupt files) or ConversionError (one message listing every bad tensor).
-  """
-  d = Path(path)
-  config = config or read_config(d)
-  converted = is_converted(d)
-  source = None if converted else open_hf_weights(d)
-  if source is not None:
-    # Decided before the abstract model is built: whether the model has an lm_head depends on it.
-    config = resolve_tied_head(config, NormalisedSource(source), str(d))
-  graphdef, abs_state = abstract_llava(config, dtype=dtype,
-                                       param_dtype=param_dtype if param_dtype is not None else jnp.float32)
-  shardings = placement(abs_state, mesh)
-  if converted:
-    state = load_state(IDENTITY_KEYMAP, converted_weights(d, FLAX_WEIGHTS), abs_state, source_name=str(d),
-                       param_dtype=param_dtype, shardings=shardings, progress=progress)
-  else:
-    state = load_llava_state(source, abs_state, config, source_name=str(d), param_dtype=param_dtype,
-                             shardings=shardings, progress=progress)
-  return nnx.merge(graphdef, state)
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
-  for name in SIDE_FILES:
-    if (src / name).exists() and src.resolve() != dst.resolve():
-      shutil.copy2(src / name, dst / name)
-
-
-def save_converted(model, dst: str | os.PathLike, *, src: str | os.PathLike | None = None) -> Path:
-  """Writes ``model`` as a converted directory (config.json, marker, flax_model.safetensors)."""
-  dst = Path(dst)
-  dst.mkdir(parents=True, exist_ok=True)
-  save_safetensors(dst / FLAX_WEIGHTS, export_tensors(IDENTITY_KEYMAP, nnx.state(model, nnx.Param)),
-                   metadata={"format": FORMAT})
-  (dst / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
-  (dst / MARKER).write_text(json.dumps({"format": FORMAT, "version": 1, "weights": FLAX_WEIGHTS,
-                                        "layout": "nnx (kernel [in, out], conv HWIO, stacked decoder layers)"},
-                                       indent=2))
-  if src is not None:
-    _copy_side_files(Path(src), dst)
-  return dst
-
-
 def export_hf_tensors(state: nnx.State, *, dtype: Any = None, vision_naming: str = "v5"
                       ) -> Iterator[tuple[str, np.ndarray]]:
   """(HF key, array in HF layout) for every parameter, one at a time.
@@ -254,66 +179,42 @@ def export_hf_tensors(state: nnx.State, *, dtype: Any = None, vision_naming: str
     yield key, arr
 
 
-def _save_sharded(dst: Path, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:
-  """model.safetensors, or model-0000k-of-0000n.safetensors + index when larger than ``max_shard_bytes``;
-  at most one shard of arrays is held in host RAM."""
-  shards, cur, size = [], [], 0
-  tmp_names = []
-  for key, arr in tensors:
-    if cur and size + arr.nbytes > max_shard_bytes:
-      shards.append(cur)
-      cur, size = [], 0
-      tmp_names.append(dst / f"_shard{len(shards)}.tmp.safetensors")
-      save_safetensors(tmp_names[-1], shards[-1], metadata={"format": "pt"})
-      shards[-1] = [k for k, _ in shards[-1]]
-    cur.append((key, arr))
-    size += arr.nbytes
-  if not shards:
-    save_safetensors(dst / "model.safetensors", cur, metadata={"format": "pt"})
-    return
-  shards.append(cur)
-  tmp_names.append(dst / f"_shard{len(shards)}.tmp.safetensors")
-  save_safetensors(tmp_names[-1], cur, metadata={"format": "pt"})
-  shards[-1] = [k for k, _ in cur]
-  n = len(shards)
-  weight_map = {}
-  for i, (keys, tmp) in enumerate(zip(shards, tmp_names), start=1):
-    name = f"model-{i:05d}-of-{n:05d}.safetensors"
-    os.replace(tmp, dst / name)
-    weight_map.update({k: name for k in keys})
-  (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                               indent=2))
+def _prepare_config(config, source, source_name: str):
+  return resolve_tied_head(config, NormalisedSource(source), source_name)
+
+
+def _load_hf_state(family: Family, source, abstract_state: nnx.State, config, **kw) -> nnx.State:
+  del family
+  return load_llava_state(source, abstract_state, config, **kw)
+
+
+def _export_hf_tensors(family: Family, state: nnx.State, dtype: Any = None, vision_naming: str = "v5"):
+  del family
+  return export_hf_tensors(state, dtype=dtype, vision_naming=vision_naming)
+
+
+LLAVA_FAMILY = Family("llava", "LLaVA", LLAVA_KEYMAP, SIDE_FILES, prepare_config=_prepare_config,
+                      load_hf_state=_load_hf_state, export_hf_tensors=_export_hf_tensors)
+
+
+def is_converted(directory: str | os.PathLike) -> bool:
+  """True for a directory written by :func:`save_converted` (``python -m checkpoints_convert llava``)."""
+  return LLAVA_FAMILY.is_converted(directory)
+
+
+def save_converted(model, dst: str | os.PathLike, *, src: str | os.PathLike | None = None) -> Path:
+  """Writes ``model`` as a converted directory (config.json, marker, flax_model.safetensors; ``src``'s tokenizer
+  and processor files copied along)."""
+  return LLAVA_FAMILY.save_converted(model, dst, src=src)
 
 
 def export_hf(model, dst: str | os.PathLike, *, dtype: Any = None, vision_naming: str = "v5",
               src: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 2 ** 30) -> Path:
   """Writes an HF LLaVA directory (config.json + safetensors, sharded above ``max_shard_bytes``) that
   ``transformers.LlavaForConditionalGeneration`` loads; float32 / as-stored exports round-trip bit-exact."""
-  dst = Path(dst)
-  dst.mkdir(parents=True, exist_ok=True)
-  _save_sharded(dst, export_hf_tensors(nnx.state(model, nnx.Param), dtype=dtype, vision_naming=vision_naming),
-                max_shard_bytes)
-  cfg = model.config.to_hf_dict()
-  dts = {np.dtype(v.get_value().dtype).name if dtype is None else np.dtype(dtype).name
-         for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  if len(dts) == 1:
-    cfg["dtype"] = dts.pop()
-  (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-  if src is not None:
-    _copy_side_files(Path(src), dst)
-  return dst
+  return LLAVA_FAMILY.export_hf(model, dst, dtype=dtype, src=src, max_shard_bytes=max_shard_bytes,
+                                vision_naming=vision_naming)
 
 
-def convert_cli(src: str, dst: str, param_dtype: str | None = None) -> Path:
-  """``python -m checkpoints_convert llava``: HF directory -> converted directory."""
-  return save_converted(load_llava(src, param_dtype=dtype_from_name(param_dtype)), dst, src=src)
-
-
-def export_cli(src: str, dst: str, dtype: str | None = None, vision_naming: str = "v5") -> Path:
-  """``python -m checkpoints_convert llava-export``: converted (or HF) directory -> HF directory."""
-  return export_hf(load_llava(src), dst, dtype=dtype_from_name(dtype), vision_naming=vision_naming, src=src)
-
-
-__all__ = ["LLAVA_RULES", "LLAVA_KEYMAP", "canonical_key", "NormalisedSource", "resolve_tied_head", "load_llava",
-           "load_llava_state", "save_converted", "export_hf", "export_hf_tensors", "is_converted", "abstract_llava",
-           "read_config", "convert_cli", "export_cli"]
+__all__ = ["LLAVA_RULES", "LLAVA_KEYMAP", "LLAVA_FAMILY", "canonical_key", "NormalisedSource", "resolve_tied_head",
+           "load_llava_state", "save_converted", "export_hf", "export_hf_tensors", "is_converted"]

@@ -24,6 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# The error type, the flat-state helpers and tensor placement are shared with the native format (model_io);
+# re-exported here because the HF tables and their users know them under this module.
+from vlsafe_jax.model_io import (ConversionError, contiguous, fill_state, flat_abstract, is_float, path_str,
+                                 placement)
+
 
 class Transform(enum.Enum):
   """Named HF -> nnx layout transforms (platform.md §4.1); each has an exact inverse for export."""
@@ -63,32 +68,6 @@ class Rule:
   hf: str                      # HF key template, e.g. "{tower}.encoder.layers.{i}.{lin}.weight"
   ours: str                    # nnx path template with the same placeholders
   transform: Transform = Transform.IDENTITY
-
-
-class ConversionError(ValueError):
-  """All problems found while matching a checkpoint to a model, in one message."""
-
-  def __init__(self, source: str, missing=(), unexpected=(), misshaped=(), ambiguous=(), duplicate=()):
-    self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
-    self.ambiguous, self.duplicate = list(ambiguous), list(duplicate)
-    lines = [f"checkpoint {source} does not match the model:"]
-    if self.missing:
-      lines.append(f"  missing ({len(self.missing)}; model tensors no checkpoint key provides):")
-      lines += [f"    {p}  expected shape {s}" for p, s in self.missing]
-    if self.unexpected:
-      lines.append(f"  unexpected ({len(self.unexpected)}; checkpoint keys with no place in the model):")
-      lines += [f"    {k}  shape {s}{'  (' + why + ')' if why else ''}" for k, s, why in self.unexpected]
-    if self.misshaped:
-      lines.append(f"  mis-shaped ({len(self.misshaped)}):")
-      lines += [f"    {k} {hs} -> {p}: becomes {got}, model expects {want}"
-                for k, hs, p, got, want in self.misshaped]
-    if self.ambiguous:
-      lines.append(f"  ambiguous ({len(self.ambiguous)}; key matches several rules):")
-      lines += [f"    {k} -> {targets}" for k, targets in self.ambiguous]
-    if self.duplicate:
-      lines.append(f"  duplicate ({len(self.duplicate)}; several keys map to one model tensor):")
-      lines += [f"    {p} <- {keys}" for p, keys in self.duplicate]
-    super().__init__("\n".join(lines))
 
 
 def _compile(template: str, placeholders: Mapping[str, str]) -> re.Pattern:
@@ -132,26 +111,6 @@ class KeyMap:
       if m:
         out.append((rule.hf.format(**m.groupdict()), rule.transform))
     return out
-
-
-def _contig(x) -> np.ndarray:
-  # np.ascontiguousarray turns 0-d arrays into shape (1,); logit_scale must stay 0-d.
-  x = np.asarray(x)
-  return x if x.flags.c_contiguous else x.copy(order="C")
-
-
-def _is_float(dt) -> bool:
-  # ml_dtypes.bfloat16 is not a numpy "floating" subtype, so test it by name as well.
-  return np.issubdtype(dt, np.floating) or np.dtype(dt).name == "bfloat16"
-
-
-def path_str(path: Sequence[Any]) -> str:
-  return ".".join(str(p) for p in path)
-
-
-def flat_abstract(state: nnx.State) -> dict[str, tuple[tuple, Any]]:
-  """{'a.b.0.kernel': (path tuple, Variable)} for an nnx State (abstract or concrete)."""
-  return {path_str(p): (tuple(p), v) for p, v in nnx.to_flat_state(state)}
 
 
 def plan_import(keymap: KeyMap, source_shapes: Mapping[str, tuple[tuple[int, ...], str]],
@@ -205,26 +164,16 @@ def load_state(keymap: KeyMap, source, abstract_state: nnx.State, *, source_name
       (e.g. ``vlsafe_jax.sharding.state_shardings``): each tensor is placed as soon as it is read.
   Returns: a concrete nnx State (same structure) ready for ``nnx.merge``.
   """
-  flat = flat_abstract(abstract_state)
-  targets = {p: tuple(v.get_value().shape) for p, (_, v) in flat.items()}
+  targets = {p: tuple(v.get_value().shape) for p, (_, v) in flat_abstract(abstract_state).items()}
   plan = plan_import(keymap, source.shapes(), targets, source_name)
-  flat_sh = flat_abstract(shardings) if shardings is not None else {}
-  filled = {}
-  for key, path, tf in plan:
-    arr = tf.forward(source.get(key))
-    if param_dtype is not None and _is_float(arr.dtype):
-      arr = arr.astype(param_dtype)
-    if path in flat_sh:
-      sh = flat_sh[path][1]
-      sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-      value = jax.device_put(_contig(arr), sh)
-    else:
-      value = jnp.asarray(_contig(arr))
-    ptuple, var = flat[path]
-    filled[ptuple] = var.replace(value)
-    if progress:
-      progress(key)
-  return nnx.from_flat_state([(ptuple, filled[ptuple]) for ptuple, _ in flat.values()])
+
+  def tensors():
+    for key, path, tf in plan:
+      yield path, tf.forward(source.get(key))
+      if progress:
+        progress(key)
+
+  return fill_state(abstract_state, tensors(), param_dtype=param_dtype, shardings=shardings)
 
 
 def export_tensors(keymap: KeyMap, state: nnx.State, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
@@ -247,22 +196,9 @@ def export_tensors(keymap: KeyMap, state: nnx.State, dtype: Any = None) -> Itera
     raise ConversionError("export", unexpected=unexpected, ambiguous=ambiguous)
   for path, key, tf in plan:
     arr = np.asarray(jax.device_get(flat[path][1].get_value()))
-    if dtype is not None and _is_float(arr.dtype):
+    if dtype is not None and is_float(arr.dtype):
       arr = arr.astype(dtype)
-    yield key, _contig(tf.inverse(arr))
-
-
-# Converted directories store nnx paths verbatim: the identity table still gets the full shape/coverage check.
-IDENTITY_KEYMAP = KeyMap((Rule("{path}", "{path}"),), {"path": r".+"})
-
-
-def placement(abstract_state: nnx.State, mesh=None):
-  """Shardings for :func:`load_state` (each tensor placed by the logical table over ``mesh`` as soon as it is
-  read), or None without a mesh (host arrays)."""
-  if mesh is None:
-    return None
-  from vlsafe_jax import sharding  # lazy: the converters import without the model package's sharding table
-  return sharding.state_shardings(abstract_state, mesh)
+    yield key, contiguous(tf.inverse(arr))
 
 
 def dtype_from_name(name: str | None):
@@ -273,5 +209,5 @@ def dtype_from_name(name: str | None):
   return jnp.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
-__all__ = ["dtype_from_name", "placement", "Transform", "Rule", "KeyMap", "IDENTITY_KEYMAP", "ConversionError", "plan_import", "load_state", "export_tensors",
-           "flat_abstract", "path_str"]
+__all__ = ["dtype_from_name", "placement", "Transform", "Rule", "KeyMap", "ConversionError", "plan_import",
+           "load_state", "export_tensors", "flat_abstract", "path_str"]

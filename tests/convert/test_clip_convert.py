@@ -16,6 +16,7 @@ from checkpoints_convert import clip as CC
 from checkpoints_convert.__main__ import main as cli_main
 from checkpoints_convert.mapping import ConversionError, flat_abstract
 from checkpoints_convert.safetensors_io import CheckpointFormatError, SafetensorsFile, save_safetensors
+from vlsafe_jax.models.clip import CLIP
 
 pytestmark = pytest.mark.torch
 
@@ -84,7 +85,7 @@ def test_error_names_renamed_missing_and_misshaped_tensors_at_once(hf_dir, tmp_p
   _copy_config(src, bad)
   save_safetensors(bad / "model.safetensors", tensors)
   with pytest.raises(ConversionError) as e:
-    CC.load_clip(bad)
+    CLIP.from_pretrained(bad)
   msg = str(e.value)
   for needle in ("text_model.encoder.layers.1.mlp.fc_1.weight", "text_model.encoder.layers.1.mlp.fc1.kernel",
                  "vision_model.post_layernorm.bias", "visual_projection.weight", "(7, 19)", "(20, 7)", str(bad)):
@@ -97,32 +98,32 @@ def test_missing_files_give_named_errors(hf_dir, tmp_path):
   _, src = hf_dir
   _copy_config(src, tmp_path / "noweights")
   with pytest.raises(CheckpointFormatError, match="no weights found"):
-    CC.load_clip(tmp_path / "noweights")
+    CLIP.from_pretrained(tmp_path / "noweights")
   (tmp_path / "trunc").mkdir()
   _copy_config(src, tmp_path / "trunc")
   (tmp_path / "trunc" / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:2000])
   with pytest.raises(CheckpointFormatError, match="trunc"):
-    CC.load_clip(tmp_path / "trunc")
+    CLIP.from_pretrained(tmp_path / "trunc")
 
 
 def test_sharded_safetensors_and_pytorch_bin_load(hf_dir, tmp_path):
   import torch
   hf, src = hf_dir
-  ref = _params(CC.load_clip(src))
+  ref = _params(CLIP.from_pretrained(src))
   hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
   assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
   assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
-  sharded = _params(CC.load_clip(tmp_path / "sharded"))
+  sharded = _params(CLIP.from_pretrained(tmp_path / "sharded"))
   _copy_config(src, tmp_path / "bin")
   sd = {k: v.clone() for k, v in hf.state_dict().items()}
   sd["vision_model.embeddings.position_ids"] = torch.arange(10)[None]    # old-style buffer, ignored
   torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
-  from_bin = _params(CC.load_clip(tmp_path / "bin"))
+  from_bin = _params(CLIP.from_pretrained(tmp_path / "bin"))
   assert sorted(sharded) == sorted(ref) == sorted(from_bin)
   for k in ref:
     np.testing.assert_array_equal(sharded[k], ref[k], err_msg=k)
     np.testing.assert_array_equal(from_bin[k], ref[k], err_msg=k)
-  _check_embeds(CC.load_clip(tmp_path / "sharded"), hf)
+  _check_embeds(CLIP.from_pretrained(tmp_path / "sharded"), hf)
 
 
 @pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
@@ -135,14 +136,14 @@ def test_half_precision_weights_load_without_torch(hf_dir, tmp_path, monkeypatch
   half.save_pretrained(tmp_path / tdtype)
   ref = {k: v for k, v in half.state_dict().items()}
   monkeypatch.setitem(sys.modules, "torch", None)          # any `import torch` now raises ImportError
-  model = CC.load_clip(tmp_path / tdtype)                 # param_dtype=None keeps the file dtype
+  model = CLIP.from_pretrained(tmp_path / tdtype)                 # param_dtype=None keeps the file dtype
   monkeypatch.undo()
   params = _params(model)
   k = params["vision_model.encoder.layers.0.mlp.fc1.kernel"]
   assert k.dtype == np.dtype(getattr(ml_dtypes, tdtype) if tdtype == "bfloat16" else np.float16)
   want = ref["vision_model.encoder.layers.0.mlp.fc1.weight"].float().numpy().T
   np.testing.assert_array_equal(k.astype(np.float32), want)
-  cast = CC.load_clip(tmp_path / tdtype, param_dtype=jnp.float32)
+  cast = CLIP.from_pretrained(tmp_path / tdtype, param_dtype=jnp.float32)
   assert _params(cast)["logit_scale"].dtype == np.float32
 
 
@@ -181,7 +182,7 @@ def test_nonfinite_weight_is_named_at_load(hf_dir, tmp_path, layout):
     torch.save({k: torch.from_numpy(v) for k, v in {**t, BAD_KEY: bad}.items()}, d / "pytorch_model.bin")
     where, what = d / "pytorch_model.bin", "1 NaN and 0 Inf"
   else:                    # a converted directory: flax_model.safetensors under nnx names
-    CC.convert_cli(str(src), str(d))
+    cli_main(["clip", "--src", str(src), "--dst", str(d)])
     conv = SafetensorsFile(d / CC.FLAX_WEIGHTS)
     tensors = {k: conv.get(k) for k in conv.shapes()}
     key = "text_model.encoder.layers.1.mlp.fc1.kernel"
@@ -190,7 +191,7 @@ def test_nonfinite_weight_is_named_at_load(hf_dir, tmp_path, layout):
     where, what = d / CC.FLAX_WEIGHTS, "1 NaN and 0 Inf"
   name = "text_model.encoder.layers.1.mlp.fc1.kernel" if layout == "converted" else BAD_KEY
   with pytest.raises(CheckpointFormatError) as info:
-    CC.load_clip(d)
+    CLIP.from_pretrained(d)
   msg = str(info.value)
   assert msg.startswith(f"{where}: tensor {name!r}"), msg
   assert what in msg and ("(3, 2)" if layout == "converted" else "(2, 3)") in msg, msg
@@ -217,7 +218,7 @@ def test_malformed_config_json_is_one_named_error(hf_dir, tmp_path):
     d.mkdir()
     (d / "config.json").write_text(text)
     with pytest.raises(CheckpointFormatError, match=pattern) as info:
-      CC.load_clip(d)
+      CLIP.from_pretrained(d)
     assert str(d / "config.json") in str(info.value), name
 
 
@@ -239,7 +240,7 @@ def test_non_tensor_pickle_in_bin_is_one_named_error(hf_dir, tmp_path):
     _copy_config(src, d)
     write(d / "pytorch_model.bin")
     with pytest.raises(CheckpointFormatError, match=pattern) as info:
-      CC.load_clip(d)
+      CLIP.from_pretrained(d)
     assert str(info.value).startswith(f"{d / 'pytorch_model.bin'}: "), (name, str(info.value))
 
 
@@ -249,7 +250,7 @@ def test_convert_export_round_trip_is_bit_exact_and_loads_in_transformers(hf_dir
   (src / "vocab.json").write_text("{}")                               # side files travel along
   cli_main(["clip", "--src", str(src), "--dst", str(tmp_path / "ours")])
   assert CC.is_converted(tmp_path / "ours") and (tmp_path / "ours" / "vocab.json").exists()
-  ours = CC.load_clip(tmp_path / "ours")
+  ours = CLIP.from_pretrained(tmp_path / "ours")
   assert _params(ours)["logit_scale"].shape == ()                     # 0-d, as in HF
   _check_embeds(ours, hf)
   cli_main(["export", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "back")])
@@ -271,7 +272,7 @@ def test_single_tower_vision_file(hf_dir, tmp_path):
   torch.manual_seed(1)
   hf = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)).eval()
   hf.save_pretrained(tmp_path / "vis")
-  model = CC.load_clip(tmp_path / "vis")
+  model = CLIP.from_pretrained(tmp_path / "vis")
   assert not hasattr(model, "text_model")
   pixels, _ = _inputs()
   with torch.no_grad():
@@ -289,7 +290,7 @@ def test_load_onto_fsdp_mesh(hf_dir):
   from vlsafe_jax import sharding
   hf, src = hf_dir
   mesh = sharding.make_mesh(data=2, fsdp=4)
-  model = CC.load_clip(src, mesh=mesh)
+  model = CLIP.from_pretrained(src, mesh=mesh)
   k = nnx.state(model, nnx.Param)["text_model"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"].get_value()
   assert k.sharding.spec[0] == "fsdp" and len(k.addressable_shards) == 8
   _check_embeds(model, hf)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from checkpoints_convert.__main__ import HYSAC_CODE
 from checkpoints_convert.__main__ import main as cli_main
 from checkpoints_convert.hysac import HySACImportError, convert
 
@@ -141,7 +142,7 @@ def test_renamed_and_unknown_keys_fail_together(released, tmp_path):
   bad.pop("curv")
   torch.save(bad, tmp_path / "bad.pth")
   with pytest.raises(HySACImportError) as err:
-    convert(tmp_path / "bad.pth", base, tmp_path / "out")
+    convert(tmp_path / "bad.pth", base, tmp_path / "out", code=HYSAC_CODE)
   msg = str(err.value)
   assert "stray_buffer: unexpected key" in msg
   assert "missing scalar 'curv'" in msg
@@ -151,7 +152,7 @@ def test_renamed_and_unknown_keys_fail_together(released, tmp_path):
   sd2["curv"] = torch.tensor(0.0)
   torch.save(sd2, tmp_path / "bad2.pth")
   with pytest.raises(HySACImportError) as err:
-    convert(tmp_path / "bad2.pth", base, tmp_path / "out")
+    convert(tmp_path / "bad2.pth", base, tmp_path / "out", code=HYSAC_CODE)
   msg = str(err.value)
   assert renamed_lora in msg
   assert base_key + "x" in msg
@@ -161,7 +162,7 @@ def test_renamed_and_unknown_keys_fail_together(released, tmp_path):
   sd3[base_key] = sd[base_key] + 1.0
   torch.save(sd3, tmp_path / "bad3.pth")
   with pytest.raises(HySACImportError, match="differs from the --base CLIP"):
-    convert(tmp_path / "bad3.pth", base, tmp_path / "out")
+    convert(tmp_path / "bad3.pth", base, tmp_path / "out", code=HYSAC_CODE)
 
 
 def test_nonfinite_or_non_tensor_pth_is_one_named_error(released, tmp_path):
@@ -179,8 +180,8 @@ def test_nonfinite_or_non_tensor_pth_is_one_named_error(released, tmp_path):
   nan[key][1, 2] = float("nan")
   torch.save(nan, tmp_path / "nan.pth")
   with pytest.raises(CheckpointFormatError, match=rf"nan\.pth: tensor '{key}' .*1 NaN and 0 Inf"):
-    convert(tmp_path / "nan.pth", base, tmp_path / "out")
+    convert(tmp_path / "nan.pth", base, tmp_path / "out", code=HYSAC_CODE)
   torch.save({**sd, "note": fractions.Fraction(1, 3)}, tmp_path / "obj.pth")
   with pytest.raises(CheckpointFormatError, match=r"obj\.pth: cannot be read with torch\.load\(weights_only=True\)"):
-    convert(tmp_path / "obj.pth", base, tmp_path / "out")
+    convert(tmp_path / "obj.pth", base, tmp_path / "out", code=HYSAC_CODE)
   assert not (tmp_path / "out").exists()

@@ -45,10 +45,11 @@ import numpy as np
 
 from vlsafe_jax.eval import nsfw, retrieval
 from vlsafe_jax.methods.hysac import traversal as trav
+# The bounds.json format is the library's (model_io); its reader and writer stay importable from here.
+from vlsafe_jax.model_io import BOUND_STATS, load_bounds, save_bounds
 
 SETS = ("T", "I", "T*", "I*")                      # root-distance order HySAC should produce
-BOUND_KEYS = {"T": "S", "T*": "U", "I": "V", "I*": "G"}
-BOUND_STATS = ("avg", "up_95", "low_05")
+BOUND_KEYS = {"T": "S", "T*": "U", "I": "V", "I*": "G"}   # embedding set -> bounds.json key (model_io.BOUND_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,45 +202,6 @@ def bounds(embs_by_key: Mapping[str, Any], curv: float) -> dict[str, dict[str, f
     out[key] = {"avg": float(d.mean()), "up_95": float(np.percentile(d, 95)),
                 "low_05": float(np.percentile(d, 5))}
   return dict(sorted(out.items(), key=lambda kv: "SUVG".index(kv[0])))
-
-
-def save_bounds(path: str | os.PathLike, b: Mapping[str, Mapping[str, float]]) -> Path:
-  """Writes ``bounds.json`` (the reference's layout: ``{"S": {"avg": .., "up_95": .., "low_05": ..}, ...}``)."""
-  p = Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  p.write_text(json.dumps({k: dict(v) for k, v in b.items()}, indent=2))
-  return p
-
-
-def load_bounds(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-  """Reads and validates a ``bounds.json`` (ours or the released ``hysac_bounds.json``).
-
-  Every present key among S/U/V/G must hold finite numbers for ``avg``, ``up_95`` and ``low_05``; other statistics
-  are kept as they are. Raises ``ValueError`` naming the file and the key.
-  """
-  p = Path(path)
-  if not p.is_file():
-    raise FileNotFoundError(f"bounds file {p} does not exist")
-  try:
-    data = json.loads(p.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{p}: malformed JSON ({e})") from e
-  if not isinstance(data, dict) or not data:
-    raise ValueError(f"{p}: expected a JSON object with keys among S/U/V/G, got {type(data).__name__}")
-  unknown = [k for k in data if k not in BOUND_KEYS.values()]
-  if unknown:
-    raise ValueError(f"{p}: unknown keys {unknown}; expected S (safe text), U (unsafe text), V (safe image), "
-                     f"G (unsafe image)")
-  out = {}
-  for k, stats in data.items():
-    if not isinstance(stats, dict):
-      raise ValueError(f"{p}: {k!r} must map statistic names to numbers, got {type(stats).__name__}")
-    for s in BOUND_STATS:
-      v = stats.get(s)
-      if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise ValueError(f"{p}: {k}.{s} must be a finite number, got {v!r}")
-    out[k] = {s: float(v) for s, v in stats.items() if isinstance(v, (int, float))}
-  return out
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from checkpoints_convert import llava as convert
+from checkpoints_convert.llava import LLAVA_FAMILY
 from vlsafe_jax import perf
 from vlsafe_jax.data import images as images_lib
 from vlsafe_jax.data import prompt_sets, tga_rows, tga_synthetic, tokenize
@@ -178,7 +178,7 @@ def save_final(cfg, model: Llava, tokenizer, out_dir: Path) -> Path:
     return out_dir
   if cfg.data.kind == "synthetic":
     return vlm_base.save(model, tokenizer, out_dir, {"kind": "tga_synthetic_final"})
-  return convert.save_converted(model, out_dir, src=cfg.model.path or None)
+  return LLAVA_FAMILY.save_converted(model, out_dir, src=cfg.model.path or None)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:

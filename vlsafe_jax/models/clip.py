@@ -20,7 +20,8 @@ convention (index 0 = embeddings output, after ``pre_layrnorm`` for vision; inde
 keyed by HF-style names like ``'vision_model.encoder.layers.3.mlp.fc2'`` -> (B, T, d_in). Both come back in a
 plain dict, which composes with ``jax.jit`` / ``nnx.jit`` (no mutable collections involved).
 
-Model code never reads files: ``CLIP.from_pretrained`` delegates to ``checkpoints_convert.clip``.
+Model code never reads files: ``CLIP.from_pretrained`` hands ``CLIP`` and ``CLIPConfig`` to the generic loader
+(``checkpoints_convert.clip.CLIP_FAMILY``: HF directories; ``vlsafe_jax.model_io``: converted directories).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from checkpoints_convert.clip import CLIP_FAMILY
 from vlsafe_jax.models import attention
 from vlsafe_jax.models.config_fields import check_field_types
 
@@ -507,8 +509,7 @@ class CLIP(nnx.Module):
     """Loads an HF CLIP directory (config.json + safetensors / sharded safetensors / pytorch_model.bin) or a
     directory written by ``python -m checkpoints_convert clip``. ``param_dtype=None`` keeps the file's dtype.
     With ``mesh``, parameters are placed tensor by tensor with the logical sharding table."""
-    from checkpoints_convert import clip as _convert  # lazy: models never read files themselves
-    return _convert.load_clip(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    return CLIP_FAMILY.load(path, cls, CLIPConfig, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
 
   def _require(self, tower: str):
     if not hasattr(self, tower):

@@ -29,7 +29,8 @@ Hooks (no monkey-patching; ``cmrm.md`` §4, ``tga.md`` §4.2), all traced arrays
   gathered at per-example positions (``hidden_positions_bp``), or float32 masked means over token sets
   (``hidden_masks_bmt``) accumulated inside the scan.
 
-Model code never reads files: ``Llama.from_pretrained`` delegates to ``checkpoints_convert.llama``.
+Model code never reads files: ``Llama.from_pretrained`` hands ``Llama`` and ``LlamaConfig`` to the generic loader
+(``checkpoints_convert.llama.LLAMA_FAMILY``: HF directories; ``vlsafe_jax.model_io``: converted directories).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert.llama import LLAMA_FAMILY
 from vlsafe_jax import sharding
 from vlsafe_jax.models import attention
 from vlsafe_jax.models.config_fields import check_field_types
@@ -536,8 +538,7 @@ class Llama(nnx.Module):
   @classmethod
   def from_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, mesh=None) -> "Llama":
     """Loads an HF Llama/Mistral causal-LM directory (config.json + safetensors, sharded or not)."""
-    from checkpoints_convert import llama as _convert  # lazy: models never read files themselves
-    return _convert.load_llama(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    return LLAMA_FAMILY.load(path, cls, LlamaConfig, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
     return init_cache(self.config, batch, max_len, self.dtype)

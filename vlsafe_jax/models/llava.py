@@ -21,7 +21,8 @@ Generation (:func:`generate`): one jitted program embeds the prompt (vision towe
 :func:`vlsafe_jax.models.decoding.generate` runs the prefill with ``inputs_embeds`` and the single compiled
 ``while_loop`` decode. Compiles once per (batch, prompt-length bucket, images, max_new_tokens).
 
-Model code never reads files: ``Llava.from_pretrained`` delegates to ``checkpoints_convert.llava``.
+Model code never reads files: ``Llava.from_pretrained`` hands ``Llava`` and ``LlavaConfig`` to the generic loader
+(``checkpoints_convert.llava.LLAVA_FAMILY``: HF directories; ``vlsafe_jax.model_io``: converted directories).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert.llava import LLAVA_FAMILY
 from vlsafe_jax.models import decoding
 from vlsafe_jax.models.clip import (CLIPVisionConfig, CLIPVisionTransformer, _ACTIVATIONS, _sub_config,
                                     clip_image_flops)
@@ -248,8 +250,7 @@ class Llava(nnx.Module):
     ``param_dtype=None`` keeps the checkpoint dtype (fp16/bf16 stay); ``mesh`` streams every tensor straight
     into its sharding (a 7B/13B model never sits whole on one device).
     """
-    from checkpoints_convert import llava as _convert  # lazy: models never read files themselves
-    return _convert.load_llava(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    return LLAVA_FAMILY.load(path, cls, LlavaConfig, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
 
   # The decoding loop (decoding.py) drives the language model directly; these mirror its interface.
   def init_cache(self, batch: int, max_len: int) -> KVCache:

@@ -27,11 +27,11 @@ the (h, w, c) order of the HWIO kernel, ``B`` (r, O); this equals PEFT's Conv(C-
 Shape-suffix legend: i input features, o output features, r rank, b batch (any leading dims), h/w patch grid,
 p patch pixels (p_h * p_w * C).
 
-File I/O (:func:`save_lora`, :func:`load_lora`) lives in plain functions here, never inside the modules.
+File I/O (:func:`save_lora`, :func:`load_lora`) is ``vlsafe_jax.model_io``'s and PEFT naming (:func:`import_peft`,
+:func:`export_peft`) ``checkpoints_convert.peft``'s; the functions here only hand them the model's LoRA sites.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -42,13 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert import peft
+from vlsafe_jax import model_io
+
 # HySAC's targets (no q_proj), applied to both towers; patch_embedding exists only in the vision tower.
 DEFAULT_TARGETS: tuple[str, ...] = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
 
 TRAINABLE = nnx.LoRAParam
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-
-LORA_FORMAT = "vlsafe_jax.lora"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,187 +450,41 @@ def lora_param_count(model: nnx.Module) -> int:
   return int(sum(np.prod(x.shape) for x in leaves))
 
 
-def _lora_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-  out = {}
-  for name, site in lora_sites(model).items():
-    out[f"{name}.lora_a"] = site.lora_a
-    out[f"{name}.lora_b"] = site.lora_b
-  return out
-
-
 # --------------------------------------------------------------------------------------------------------------
-# LoRA-only checkpoints (file I/O kept out of the modules)
+# Model-level entry points of the LoRA file format (vlsafe_jax.model_io) and PEFT conversion
+# (checkpoints_convert.peft); the modules above never touch files or foreign names.
 # --------------------------------------------------------------------------------------------------------------
 
 def save_lora(model: nnx.Module, path: str | os.PathLike) -> None:
   """Writes the LoRA parameters to one safetensors file (keys ``<module>.lora_a`` / ``.lora_b``, Flax layout)
-  with each site's rank and alpha in the header metadata."""
-  from safetensors.flax import save_file
-  sites = lora_sites(model)
-  if not sites:
-    raise ValueError("model has no LoRA sites to save")
-  meta = {"format": LORA_FORMAT,
-          "sites": json.dumps({n: {"rank": s.lora_rank, "alpha": s.lora_alpha} for n, s in sites.items()})}
-  save_file({k: v.get_value() for k, v in _lora_variables(model).items()}, os.fspath(path), metadata=meta)
+  with each site's rank and alpha in the header metadata (``model_io.save_lora``)."""
+  model_io.save_lora(lora_sites(model), path)
 
 
 def load_lora(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
   """Loads a :func:`save_lora` file into a model that already has the same LoRA sites (apply_lora first).
 
   Every missing / unexpected / mis-shaped tensor and every rank/alpha mismatch is reported in one error
-  naming the file. Returns ``model``.
+  naming the file (``model_io.load_lora``). Returns ``model``.
   """
-  from safetensors import safe_open
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"LoRA file {path} does not exist")
-  with safe_open(path, framework="flax") as f:
-    meta = f.metadata() or {}
-    tensors = {k: f.get_tensor(k) for k in f.keys()}
-  if meta.get("format") != LORA_FORMAT:
-    raise ValueError(f"{path}: not a vlsafe_jax LoRA file (metadata format={meta.get('format')!r})")
-  saved_sites = json.loads(meta.get("sites", "{}"))
-  variables = _lora_variables(model)
-  errors = [f"missing tensor {k}" for k in variables if k not in tensors]
-  errors += [f"unexpected tensor {k} {tuple(tensors[k].shape)}" for k in tensors if k not in variables]
-  for k, var in variables.items():
-    if k in tensors and tuple(tensors[k].shape) != tuple(var.get_value().shape):
-      errors.append(f"{k}: file shape {tuple(tensors[k].shape)} != model shape {tuple(var.get_value().shape)}")
-  # A diverged run's NaN/Inf would otherwise load silently and only show up as NaN outputs.
-  errors += [f"{k}: {int(np.size(t) - np.isfinite(np.asarray(t, np.float32)).sum())} NaN/Inf values"
-             for k, t in tensors.items() if not np.isfinite(np.asarray(t, np.float32)).all()]
-  for name, site in lora_sites(model).items():
-    cfg = saved_sites.get(name)
-    if cfg and (cfg["rank"] != site.lora_rank or not np.isclose(cfg["alpha"], site.lora_alpha)):
-      errors.append(f"{name}: file rank/alpha {cfg['rank']}/{cfg['alpha']} != model "
-                    f"{site.lora_rank}/{site.lora_alpha}")
-  if errors:
-    raise ValueError(f"{path}: LoRA state does not fit the model:\n  " + "\n  ".join(errors))
-  for k, var in variables.items():
-    var.set_value(jnp.asarray(tensors[k], var.get_value().dtype))
+  model_io.load_lora(lora_sites(model), path)
   return model
-
-
-# --------------------------------------------------------------------------------------------------------------
-# PEFT import
-# --------------------------------------------------------------------------------------------------------------
-
-def _to_numpy(t) -> np.ndarray:
-  # torch tensors are duck-typed (torch is never imported here); bf16 goes through float32.
-  if hasattr(t, "detach"):
-    t = t.detach().cpu()
-    if "bfloat16" in str(t.dtype) or "float16" in str(t.dtype):
-      t = t.float()
-    return t.numpy()
-  return np.asarray(t)
-
-
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
 def import_peft(model: nnx.Module, tensors: Mapping[str, Any],
                 prefix: str | Sequence[str] = "base_model.model.", *, adapter: str = "default",
                 ignore: str | None = None, allow_missing: bool = False) -> nnx.Module:
-  """Copies PEFT LoRA tensors into the model's LoRA sites (apply_lora with PEFT's r/alpha first), in place.
-
-  Names: ``<prefix><HF module path>.lora_A.<adapter>.weight`` / ``lora_B``. The HF module path after the
-  prefix must equal a LoRA site's dotted nnx path (CLIP mirrors HF names). Prefixes: a PEFT-wrapped HF
-  ``CLIPModel`` uses ``'base_model.model.'``; HySAC's state dict uses ``'visual.base_model.model.'`` and
-  ``'textual.base_model.model.'`` (pass both); ``''`` = no prefix.
-
-  Layouts (torch -> here): Linear A (r, in) -> (in, r); B (out, r) -> (r, out). Conv A OIHW (r, C, p_h, p_w)
-  -> HWIO flatten ((p_h p_w C), r); B (O, r, 1, 1) -> (r, O).
-
-  Args:
-    tensors: name -> array (numpy, jax or torch).
-    ignore: optional regex (``re.search``) of names to skip (e.g. the base weights in a full state dict).
-    allow_missing: do not complain about LoRA sites that receive no tensors.
-
-  Raises:
-    ValueError: listing together every name without the prefix, non-LoRA name, name without a LoRA site,
-      other-adapter name, mis-shaped tensor, and (unless allow_missing) every site left without A or B.
-  """
-  prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
-  sites = lora_sites(model)
-  errors: list[str] = []
-  assigned: dict[tuple[str, str], np.ndarray] = {}
-  for key in sorted(tensors):
-    if ignore is not None and re.search(ignore, key):
-      continue
-    rest = next((key[len(p):] for p in prefixes if key.startswith(p)), None)
-    if rest is None:
-      errors.append(f"{key}: does not start with prefix {' or '.join(map(repr, prefixes))}")
-      continue
-    m = _PEFT_KEY.match(rest)
-    if m is None:
-      errors.append(f"{key}: not a PEFT LoRA tensor name (expected '<module>.lora_A|lora_B.<adapter>.weight')")
-      continue
-    if m["adapter"] != adapter:
-      errors.append(f"{key}: adapter {m['adapter']!r} != {adapter!r}")
-      continue
-    site = sites.get(m["module"])
-    if site is None:
-      errors.append(f"{key}: no LoRA site named {m['module']!r} in the model")
-      continue
-    arr = _to_numpy(tensors[key])
-    var = site.lora_a if m["which"] == "A" else site.lora_b
-    want = tuple(var.get_value().shape)
-    conv = isinstance(site, LoRAConv)
-    try:
-      arr = _peft_layout(arr, m["which"], conv)
-    except ValueError as e:
-      errors.append(f"{key}: {e}")
-      continue
-    if arr.shape != want:
-      errors.append(f"{key}: shape {tuple(_to_numpy(tensors[key]).shape)} maps to {arr.shape}, "
-                    f"site {m['module']} expects {want} (rank {site.lora_rank})")
-      continue
-    assigned[(m["module"], m["which"])] = arr
-  if not allow_missing:
-    for name in sites:
-      for which in "AB":
-        if (name, which) not in assigned:
-          errors.append(f"LoRA site {name} got no lora_{which} tensor")
-  if errors:
-    raise ValueError(f"PEFT import failed ({len(errors)} problems):\n  " + "\n  ".join(errors))
-  for (name, which), arr in assigned.items():
-    var = sites[name].lora_a if which == "A" else sites[name].lora_b
-    var.set_value(jnp.asarray(arr, var.get_value().dtype))
+  """Copies PEFT LoRA tensors (``<prefix><HF module path>.lora_A|lora_B.<adapter>.weight``, numpy, jax or torch)
+  into the model's LoRA sites (apply_lora with PEFT's r/alpha first), in place; see
+  ``checkpoints_convert.peft.import_peft`` for layouts and errors. Returns ``model``."""
+  peft.import_peft(lora_sites(model), tensors, prefix, adapter=adapter, ignore=ignore, allow_missing=allow_missing)
   return model
-
-
-def _peft_layout(arr: np.ndarray, which: str, conv: bool) -> np.ndarray:
-  """Torch PEFT tensor -> our (rows, cols) layout; see :func:`import_peft`."""
-  if not conv:
-    if arr.ndim != 2:
-      raise ValueError(f"Linear lora_{which} must be 2-D, got shape {arr.shape}")
-    return arr.T
-  if arr.ndim != 4:
-    raise ValueError(f"Conv lora_{which} must be 4-D (OIHW), got shape {arr.shape}")
-  if which == "A":                                      # (r, C, ph, pw) -> (ph, pw, C, r) -> (ph*pw*C, r)
-    return np.transpose(arr, (2, 3, 1, 0)).reshape(-1, arr.shape[0])
-  if arr.shape[2:] != (1, 1):
-    raise ValueError(f"Conv lora_B must be a 1x1 kernel (O, r, 1, 1), got shape {arr.shape}")
-  return arr[:, :, 0, 0].T
 
 
 def export_peft(model: nnx.Module, prefix: str = "base_model.model.", adapter: str = "default"
                 ) -> dict[str, np.ndarray]:
   """Inverse of :func:`import_peft`: PEFT-named float32 numpy tensors in torch layout."""
-  out = {}
-  for name, site in lora_sites(model).items():
-    a = np.asarray(site.lora_a.get_value(), np.float32)
-    b = np.asarray(site.lora_b.get_value(), np.float32)
-    if isinstance(site, LoRAConv):
-      ph, pw = site.kernel_size
-      c = a.shape[0] // (ph * pw)
-      a = np.transpose(a.reshape(ph, pw, c, -1), (3, 2, 0, 1))
-      b = b.T[:, :, None, None]
-    else:
-      a, b = a.T, b.T
-    out[f"{prefix}{name}.lora_A.{adapter}.weight"] = np.ascontiguousarray(a)
-    out[f"{prefix}{name}.lora_B.{adapter}.weight"] = np.ascontiguousarray(b)
-  return out
+  return peft.export_peft(lora_sites(model), prefix, adapter)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from checkpoints_convert.clip import CLIP_FAMILY
 from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax.data import synthetic
 from vlsafe_jax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, clip_image_flops, \
@@ -122,10 +123,9 @@ def train_clip(cfg: ml_collections.ConfigDict, workdir: Path, writer: common.Met
   loader.close()
 
   # ------------------------------------------------------------------------------------------------ export
-  from checkpoints_convert import clip as convert
   model = nnx.merge(graphdef, state["params"])
   if jax.process_index() == 0:
-    convert.save_converted(model, out_dir)
+    CLIP_FAMILY.save_converted(model, out_dir)
     done_file.write_text(json.dumps({"steps": int(jax.device_get(state["step"]))}))
   return out_dir
 

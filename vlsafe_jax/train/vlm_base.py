@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from checkpoints_convert import llava as convert
+from checkpoints_convert.llava import LLAVA_FAMILY
 from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax import sharding
 from vlsafe_jax.data import synthetic_vlm, tga_rows, tga_synthetic
@@ -64,7 +64,7 @@ def llava_config(tokenizer: synthetic_vlm.WordTokenizer, *, image_size: int = 32
 def save(model: Llava, tokenizer: synthetic_vlm.WordTokenizer, directory: str | os.PathLike,
          meta: dict | None = None) -> Path:
   """A converted LLaVA directory (``Llava.from_pretrained`` reads it) plus the vocabulary and metadata."""
-  d = convert.save_converted(model, directory)
+  d = LLAVA_FAMILY.save_converted(model, directory)
   (d / VOCAB_FILE).write_text(json.dumps(tokenizer.to_json()))
   (d / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))
   return d

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlsafe_jax import model_io
 from vlsafe_jax.data.vlm_prompts import SEG_IMAGE, collate
 from vlsafe_jax.methods.cmrm import masks
 from vlsafe_jax.models import decoding
@@ -186,39 +186,15 @@ class CMRMVectors:
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
-    """Writes ``<path>.npz`` (key ``vectors``) and ``<path>.json`` (metadata + shape); ``path`` may end in .npz."""
-    base = Path(path)
-    if base.suffix in (".npz", ".json"):
-      base = base.with_suffix("")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    v = np.asarray(self.vectors, np.float32)
-    np.savez(base.with_suffix(".npz"), vectors=v)
-    meta = dict(self.meta, num_layers=int(v.shape[0]), hidden_size=int(v.shape[1]))
-    base.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
-    return base.with_suffix(".npz"), base.with_suffix(".json")
+    """Writes ``<path>.npz`` (key ``vectors``) and ``<path>.json`` (metadata + shape); ``path`` may end in .npz
+    (``model_io.save_vectors``)."""
+    return model_io.save_vectors(path, self.vectors, self.meta)
 
   @classmethod
   def load(cls, path: str | os.PathLike, *, num_layers: int | None = None, hidden_size: int | None = None
            ) -> "CMRMVectors":
     """Reads a pair written by :meth:`save`; checks the shape against the model's layer count and width."""
-    base = Path(path)
-    if base.suffix in (".npz", ".json"):
-      base = base.with_suffix("")
-    npz = base.with_suffix(".npz")
-    if not npz.is_file():
-      raise FileNotFoundError(f"CMRM vector file {npz} does not exist")
-    with np.load(npz) as f:
-      if "vectors" not in f:
-        raise ValueError(f"{npz}: no 'vectors' array (keys: {list(f.keys())})")
-      v = np.asarray(f["vectors"], np.float32)
-    meta = json.loads(base.with_suffix(".json").read_text()) if base.with_suffix(".json").is_file() else {}
-    if v.ndim != 2:
-      raise ValueError(f"{npz}: vectors must be (layers, hidden), got shape {v.shape}")
-    if num_layers is not None and v.shape[0] != num_layers:
-      raise ValueError(f"{npz}: vectors have {v.shape[0]} layers but the model has {num_layers} decoder layers")
-    if hidden_size is not None and v.shape[1] != hidden_size:
-      raise ValueError(f"{npz}: vectors have hidden size {v.shape[1]} but the model's is {hidden_size}")
-    return cls(v, meta)
+    return cls(*model_io.load_vectors(path, num_layers=num_layers, hidden_size=hidden_size))
 
 
 def anchor_hash(prompts: Sequence[Any]) -> str:

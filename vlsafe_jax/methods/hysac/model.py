@@ -18,7 +18,6 @@ traversal tasks). Shape letters: B batch, P projection (embedding) dim, Q querie
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlsafe_jax import model_io
 from vlsafe_jax.geometry import lorentz
 from vlsafe_jax.methods.hysac import losses
 from vlsafe_jax.methods.hysac import scalars as scalars_lib
@@ -37,8 +37,10 @@ from vlsafe_jax.models.clip import CLIP, CLIPConfig
 # The optimizer's filter: LoRA adapters and the learned scalars (frozen scalars are not nnx.Param).
 TRAINABLE = nnx.Any(nnx.LoRAParam, scalars_lib.HyperbolicScalar)
 TRAINABLE_FORMAT = "vlsafe_jax.hysac.trainable"
-TRAINABLE_FILE = "hysac_trainable.safetensors"
-TRAINABLE_META = "hysac_trainable.json"
+# The trainable-state directory (vlsafe_jax.model_io): <name>.safetensors + <name>.json.
+TRAINABLE_NAME = "hysac_trainable"
+TRAINABLE_FILE = f"{TRAINABLE_NAME}.safetensors"
+TRAINABLE_META = f"{TRAINABLE_NAME}.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,40 +250,17 @@ def save_trainable(model: HySAC, directory: str | os.PathLike, *, base_path: str
                    extra: dict[str, Any] | None = None) -> Path:
   """Writes ``hysac_trainable.safetensors`` (LoRA + learned scalars, dotted nnx paths) and
   ``hysac_trainable.json`` (options, base CLIP path, CLIP config, ``extra``). Base weights are not copied."""
-  from safetensors.numpy import save_file
-  d = Path(directory)
-  d.mkdir(parents=True, exist_ok=True)
-  tensors = {k: np.asarray(jax.device_get(v.get_value())) for k, v in _flat_trainable(model).items()}
-  save_file(tensors, str(d / TRAINABLE_FILE), metadata={"format": TRAINABLE_FORMAT})
-  meta = {"format": TRAINABLE_FORMAT, "base_path": None if base_path is None else str(base_path),
-          "options": model.options.to_json(), "clip_config": model.config.to_hf_dict(), **(extra or {})}
-  (d / TRAINABLE_META).write_text(json.dumps(meta, indent=2))
-  return d
+  meta = {"base_path": None if base_path is None else str(base_path), "options": model.options.to_json(),
+          "clip_config": model.config.to_hf_dict(), **(extra or {})}
+  return model_io.save_trainable(directory, _flat_trainable(model), meta, name=TRAINABLE_NAME, fmt=TRAINABLE_FORMAT)
 
 
 def load_trainable(model: HySAC, directory: str | os.PathLike) -> HySAC:
   """Loads a :func:`save_trainable` directory into a HySAC with the same LoRA sites; clamps the scalars.
 
-  Raises a ValueError naming the file and every missing / unexpected / mis-shaped tensor.
+  Raises a ValueError naming the file and every missing / unexpected / mis-shaped / non-finite tensor.
   """
-  from safetensors.numpy import load_file
-  d = Path(directory)
-  f = d / TRAINABLE_FILE
-  if not f.is_file():
-    raise FileNotFoundError(f"{d}: no {TRAINABLE_FILE} (not a HySAC trainable-state directory)")
-  tensors = load_file(str(f))
-  variables = _flat_trainable(model)
-  errors = [f"missing tensor {k}" for k in variables if k not in tensors]
-  errors += [f"unexpected tensor {k} {tensors[k].shape}" for k in tensors if k not in variables]
-  errors += [f"{k}: file shape {tensors[k].shape} != model shape {tuple(v.get_value().shape)}"
-             for k, v in variables.items() if k in tensors and tensors[k].shape != tuple(v.get_value().shape)]
-  # A diverged run's NaN/Inf would otherwise load silently and only show up as NaN embeddings.
-  errors += [f"{k}: {int(np.size(t) - np.isfinite(t).sum())} NaN/Inf values" for k, t in tensors.items()
-             if np.issubdtype(t.dtype, np.floating) and not np.isfinite(t).all()]
-  if errors:
-    raise ValueError(f"{f}: HySAC trainable state does not fit the model:\n  " + "\n  ".join(errors))
-  for k, v in variables.items():
-    v.set_value(jnp.asarray(tensors[k], v.get_value().dtype))
+  model_io.load_trainable(directory, _flat_trainable(model), name=TRAINABLE_NAME, what="HySAC trainable state")
   model.clamp_scalars_()
   return model
 
@@ -290,18 +269,12 @@ def load_hysac(directory: str | os.PathLike, *, base_path: str | os.PathLike | N
                dtype: Any = jnp.float32) -> HySAC:
   """Rebuilds a trained HySAC from a :func:`save_trainable` directory and the base CLIP it references
   (``base_path`` overrides the recorded path, e.g. after moving files); in eval mode (no dropout)."""
-  d = Path(directory)
-  meta_path = d / TRAINABLE_META
-  if not meta_path.is_file():
-    raise FileNotFoundError(f"{d}: no {TRAINABLE_META}")
-  meta = json.loads(meta_path.read_text())
-  if meta.get("format") != TRAINABLE_FORMAT:
-    raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {TRAINABLE_FORMAT!r}")
+  meta = model_io.read_trainable_meta(directory, name=TRAINABLE_NAME, fmt=TRAINABLE_FORMAT)
   base = base_path or meta.get("base_path")
   if base is None:
-    raise ValueError(f"{meta_path}: records no base CLIP path; pass base_path=")
+    raise ValueError(f"{Path(directory) / TRAINABLE_META}: records no base CLIP path; pass base_path=")
   model = HySAC.from_pretrained(base, HySACOptions.from_json(meta["options"]), dtype=dtype)
-  load_trainable(model, d)
+  load_trainable(model, directory)
   model.eval()
   return model
 
