@@ -1,7 +1,6 @@
 """VLM safety harness: rates per category, batched generation plumbing (the prompt-set readers: tests/data/test_prompt_sets.py)."""
 import json
 
-import numpy as np
 import pytest
 
 from vlsafe_jax.data import prompt_sets as PS
