@@ -1,4 +1,4 @@
-"""VLM safety harness: rates per category, batched generation plumbing (the prompt-set readers: tests/data/test_prompt_sets.py)."""
+"""VLM safety harness: rates per category, batched generation plumbing (readers: tests/data/test_prompt_sets.py)."""
 import json
 
 import pytest
