@@ -36,8 +36,8 @@ def _params(model):
 def test_killed_training_resumes_bit_identically_and_round_trips(tmp_path):
   setting = S.SyntheticVLM(0, n_train_images=8)
   cfg = V.llava_config(setting.tokenizer, **SIZES)
-  tc = V.TrainConfig(steps=2, stage2_steps=2, schedule="two_stage", batch_size=4, warmup=1, log_every=1,
-                     checkpoint_every=2)
+  # "mixed": every batch has images, so each run compiles one step (two_stage would add a text-only compile).
+  tc = V.TrainConfig(steps=4, schedule="mixed", batch_size=4, warmup=1, log_every=1, checkpoint_every=2)
   full, log_full = V.train_synthetic_vlm(setting, cfg, tc, run_dir=tmp_path / "full")
   with pytest.raises(common.StopAfterSteps):
     V.train_synthetic_vlm(setting, cfg, dataclasses.replace(tc, max_steps_this_run=3),
