@@ -33,6 +33,7 @@ def _params(model):
           for p, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]}
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_bit_identically_and_round_trips(tmp_path):
   setting = S.SyntheticVLM(0, n_train_images=8)
   cfg = V.llava_config(setting.tokenizer, **SIZES)
