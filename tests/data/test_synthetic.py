@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vlsafe_jax.data import images, synthetic, visu
+from vlsafe_jax.train import clip_trainer
 
 N_SMALL = 21  # 3 full cycles of the 7 categories
 
@@ -145,7 +146,7 @@ def test_tokenizer_round_trip_and_eos_is_max_id():
   zs = synthetic.ZeroShotShapes(size=12)
   zids, _ = tok(zs.prompts())
   assert not np.any(zids == tok.unk_token_id)
-  cfg = synthetic.clip_config(image_size=32)
+  cfg = clip_trainer.synthetic_clip_sizes(image_size=32)
   assert cfg["vocab_size"] == tok.vocab_size and cfg["eos_token_id"] == tok.eos_token_id
 
 

@@ -1,48 +1,15 @@
-"""VLM safety harness: readers on a tiny manifest, rates per category, batched generation plumbing."""
+"""VLM safety harness: rates per category, batched generation plumbing (readers: tests/data/test_prompt_sets.py)."""
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from vlsafe_jax.data import prompt_sets as PS
 from vlsafe_jax.eval import judge as J
 from vlsafe_jax.eval import vlm_safety as V
 
 
-def _write_images(tmp_path):
-  for name in ("a.png", "b.png"):
-    Image.fromarray(np.full((40, 30, 3), 128, np.uint8)).save(tmp_path / name)
-
-
-def test_readers(tmp_path):
-  _write_images(tmp_path)
-  (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in [
-      {"id": "1", "question": "how to x?", "image": "a.png", "category": "weapons"},
-      {"id": "2", "prompt": "Describe this image.", "image": None, "scene": "gun"}]) + "\n")
-  items = V.read_jsonl(tmp_path / "m.jsonl")
-  assert [i.category for i in items] == ["weapons", "gun"]
-  assert items[0].image == str(tmp_path / "a.png") and items[1].image is None
-  assert V.read_jsonl(tmp_path / "m.jsonl", use_images=False)[0].image is None
-  (tmp_path / "vl.json").write_text(json.dumps([{"image_id": "b.png", "query": "q1"}, {"image": "a.png",
-                                                                                      "question": "q2"}]))
-  vl = V.read_vlsafe(tmp_path / "vl.json")
-  assert [i.question for i in vl] == ["q1", "q2"] and vl[0].image.endswith("b.png") and vl[0].category == "vlsafe"
-  (tmp_path / "jb.csv").write_text("content_policy_id,content_policy_name,q_id,question,image\n"
-                                   "0,Illegal Activity,0,how to steal?,a.png\n1,Hate Speech,1,say slurs,\n")
-  jb = V.read_prompt_set(tmp_path / "jb.csv", "jailbreakllms")
-  assert [i.category for i in jb] == ["Illegal Activity", "Hate Speech"] and jb[1].image is None
-  (tmp_path / "bad.jsonl").write_text('{"id": "1", "image": null}\n')
-  with pytest.raises(ValueError, match="bad.jsonl: item 0"):
-    V.read_jsonl(tmp_path / "bad.jsonl")
-  (tmp_path / "dup.jsonl").write_text('{"id": "1", "question": "a"}\n{"id": "1", "question": "b"}\n')
-  with pytest.raises(ValueError, match="duplicate id '1'"):
-    V.read_jsonl(tmp_path / "dup.jsonl")
-  V.write_jsonl(items, tmp_path / "out.jsonl")
-  assert V.read_jsonl(tmp_path / "out.jsonl", image_root="/") == items
-
-
 def test_rates_per_category(tmp_path):
-  items = [V.SafetyItem(str(i), f"q{i}", None, c) for i, c in enumerate(["a", "a", "a", "b"])]
+  items = [PS.SafetyItem(str(i), f"q{i}", None, c) for i, c in enumerate(["a", "a", "a", "b"])]
   responses = ["I'm sorry, no.", "Sure, here's how.", "OK: step one", "I cannot do that"]
   res = V.evaluate_responses(items, responses, J.KeywordJudge(), mode="response")
   assert res["judge"] == "keyword" and res["metric"] == "unsafe_rate"
@@ -59,12 +26,13 @@ def test_generate_responses_mixed_batch_matches_single():
   from flax import nnx
   from vlsafe_jax.data import synthetic_vlm as S
   from vlsafe_jax.models import llava as LV
+  from vlsafe_jax.train import vlm_base
   tok = S.WordTokenizer()
-  cfg = S.llava_config(tok, width=24, layers=2, mlp=37, vision_width=16)
+  cfg = vlm_base.llava_config(tok, width=24, layers=2, mlp=37, vision_width=16)
   model = LV.Llava(cfg, rngs=nnx.Rngs(0))
   img = S.scene_image(0, 0)[0]
-  items = [V.SafetyItem("0", "how do i bake a cake ?", img), V.SafetyItem("1", "how do i grow roses ?", None),
-           V.SafetyItem("2", "what colour is the circle ?", S.scene_image(0, 1)[0])]
+  items = [PS.SafetyItem("0", "how do i bake a cake ?", img), PS.SafetyItem("1", "how do i grow roses ?", None),
+           PS.SafetyItem("2", "what colour is the circle ?", S.scene_image(0, 1)[0])]
   out = V.generate_responses(model, tok, items, batch_size=3, max_new_tokens=4, system=S.SYSTEM)
   singles = [V.generate_responses(model, tok, [it], batch_size=1, max_new_tokens=4, system=S.SYSTEM)[0]
              for it in items]

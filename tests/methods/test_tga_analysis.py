@@ -36,11 +36,12 @@ def test_ranks_and_layers_match_numpy():
 
 
 def test_analyze_tiny_model(tmp_path):
-  from vlsafe_jax.data import synthetic_vlm, tga_synthetic
+  from vlsafe_jax.data import tga_synthetic
   from vlsafe_jax.models.llava import Llava
+  from vlsafe_jax.train import vlm_base
   tok = tga_synthetic.tokenizer()
-  cfg = synthetic_vlm.llava_config(tok, image_size=16, patch_size=8, vision_width=16, vision_layers=1, width=24,
-                                   layers=3, heads=2, kv_heads=1, mlp=40)
+  cfg = vlm_base.llava_config(tok, image_size=16, patch_size=8, vision_width=16, vision_layers=1, width=24,
+                              layers=3, heads=2, kv_heads=1, mlp=40)
   model = Llava(cfg, rngs=nnx.Rngs(0))
   items = tga_synthetic.TGASynthetic(0, 1, 3, 16).toxic_items()
   ids = [tok.token_to_id["sorry"], tok.token_to_id["i"]]

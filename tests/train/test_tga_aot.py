@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from vlsafe_jax import sharding
+from vlsafe_jax.methods.tga import forward
 from vlsafe_jax.methods.tga import loss as loss_lib
 from vlsafe_jax.models import llama as L
 from vlsafe_jax.models import llava as LV
@@ -38,8 +39,10 @@ def test_tga_7b_finetune_step_compiles_fsdp8_and_fits_80gb():
   state_sh = common.train_state_shardings(tx, abs_params, param_sh, mesh)
   abs_state = put(jax.eval_shape(lambda p: {"params": p, "opt": tx.init(p), "step": jnp.zeros((), jnp.int32)},
                                  abs_params), state_sh)
-  step = T.make_train_step(graphdef, loss_lib.TGALossConfig(), tx, state_sh=state_sh, mesh=mesh, total_steps=1000,
-                           lr_fn=lr_fn)
+  loss_cfg = loss_lib.TGALossConfig()
+  step = common.make_update_fn(forward.make_loss_fn(graphdef, loss_cfg), tx, state_sh=state_sh, mesh=mesh,
+                               lr_fn=lr_fn, step_input=forward.rho_schedule(1000),
+                               metrics_fn=forward.make_metrics_fn(loss_cfg, 1000))
   b, t, tr = 8 * 4, 1200, 160                                   # 4 rows per device (paper), max length 1200
   bs = lambda *shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh,
                                                                                                        len(shape)))

@@ -21,11 +21,14 @@ import pytest
 from flax import nnx
 
 from vlsafe_jax import sharding
-from vlsafe_jax.data import synthetic_vlm, tga_synthetic
+from vlsafe_jax.data import tga_rows, tga_synthetic
+from vlsafe_jax.jobs import tga as J
+from vlsafe_jax.methods.tga import forward as F
 from vlsafe_jax.methods.tga import loss as L
+from vlsafe_jax.models.hooks import Hooks
 from vlsafe_jax.models.llava import Llava
 from vlsafe_jax.train import tga_trainer as T
-from vlsafe_jax.models.hooks import Hooks
+from vlsafe_jax.train import vlm_base
 
 TOL = 1e-5
 
@@ -33,12 +36,12 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def tiny():
   tok = tga_synthetic.tokenizer()
-  cfg = synthetic_vlm.llava_config(tok, image_size=16, patch_size=8, vision_width=16, vision_layers=1, width=24,
-                                   layers=3, heads=2, kv_heads=1, mlp=40)
+  cfg = vlm_base.llava_config(tok, image_size=16, patch_size=8, vision_width=16, vision_layers=1, width=24,
+                              layers=3, heads=2, kv_heads=1, mlp=40)
   data = tga_synthetic.TGASynthetic(seed=0, n_train=4, n_eval=2, image_size=16)
-  rows = data.stage_rows("finetune")        # 16 rows: text-only, describe, QA safe, QA hazard
-  src = T.TGASource(rows, tok, cfg, stage="finetune", max_length=56, ref_max_length=36, image_fn=data.image_fn(),
-                    template="llava_v1", system=tga_synthetic.SYSTEM)
+  rows = data.stage_rows("finetune", J.bag_of_words_retrieve)   # 16 rows: text-only, describe, QA safe, QA hazard
+  src = tga_rows.TGASource(rows, tok, cfg, stage="finetune", max_length=56, ref_max_length=36,
+                           image_fn=data.image_fn(), template="llava_v1", system=tga_synthetic.SYSTEM)
   recs = [src[i] for i in range(8)]
   batch = {k: np.stack([r[k] for r in recs]) for k in recs[0]}
   return tok, cfg, batch
@@ -65,7 +68,7 @@ def _grads_by_term(model, batch, lcfg):
   @jax.jit
   def f(p):
     def terms(p):
-      total, t = T.forward_terms(nnx.merge(graphdef, p, frozen), batch, 0.25, lcfg)
+      total, t = F.forward_terms(nnx.merge(graphdef, p, frozen), batch, 0.25, lcfg)
       return jnp.stack([t["align"], t["pairwise"], t["ce"], total])
     out, vjp = jax.vjp(terms, p)
     return out, [vjp(jnp.eye(4)[i])[0] for i in range(4)]
@@ -97,17 +100,17 @@ def test_reference_pass_has_no_gradient_and_in_scan_means(tiny):
   model = _model(cfg, 1)
   b = _jb(batch)
   graphdef, params, frozen = nnx.split(model, T.trainable_filter("finetune"), ...)
-  g = jax.grad(lambda p: T.caption_means(nnx.merge(graphdef, p, frozen), b, (1, 3)).sum())(params)
+  g = jax.grad(lambda p: F.caption_means(nnx.merge(graphdef, p, frozen), b, (1, 3)).sum())(params)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) == 0.0
   # Reference-pass means (truncated at layer 3, in-scan) == means over the full model's returned hidden states.
-  c = T.caption_means(model, b, (1, 3))
+  c = F.caption_means(model, b, (1, 3))
   _, _, ex = model.language_model(b["ref_ids"], attention_mask_bt=b["ref_attention_mask"],
                                   hooks=Hooks(output_hidden_states=True))
   for j, k in enumerate((1, 3)):
     want = L.masked_mean(ex["hidden_states"][k], b["caption_mask"])
     np.testing.assert_allclose(np.asarray(c[:, j]), np.asarray(want), rtol=TOL, atol=TOL)
   # Image means of the training pass (per-row scatter) == means over returned hidden states.
-  x = T.embed_rows(model, b["input_ids"], b["pixels"])
+  x = F.embed_rows(model, b["input_ids"], b["pixels"])
   _, _, ex2 = model.language_model(inputs_embeds_btd=x, attention_mask_bt=b["attention_mask"],
                                    hooks=Hooks(output_hidden_states=True, hidden_masks_bmt=b["image_mask"][:, None]))
   np.testing.assert_allclose(np.asarray(ex2["hidden_masked_means"][:, 1, 0]),
@@ -185,9 +188,9 @@ def smoke_base(tmp_path_factory):
   """An untrained smoke-sized base saved where the trainer caches its base, so no run pays for base training."""
   cfg = _smoke_cfg("unused")
   tok = tga_synthetic.tokenizer()
-  mcfg = synthetic_vlm.llava_config(tok, image_size=cfg.data.image_size, **dict(cfg.model.dims))
+  mcfg = vlm_base.llava_config(tok, image_size=cfg.data.image_size, **dict(cfg.model.dims))
   d = tmp_path_factory.mktemp("tga_base")
-  synthetic_vlm.save(Llava(mcfg, rngs=nnx.Rngs(0)), tok, d, {"kind": "test_untrained_base"})
+  vlm_base.save(Llava(mcfg, rngs=nnx.Rngs(0)), tok, d, {"kind": "test_untrained_base"})
   return d
 
 
@@ -208,12 +211,12 @@ def test_smoke_run_reduces_loss_and_killed_run_resumes_bit_identically(smoke_bas
   from the restored data position) and re-run ends with bit-identical parameters and the same metrics.jsonl
   records (timings aside) as an uninterrupted run: same XLA program, same restored state and data, on CPU."""
   from vlsafe_jax.train import common
-  T.run(_smoke_cfg(smoke_base), tmp_path / "full")
+  J.run(_smoke_cfg(smoke_base), tmp_path / "full")
   with pytest.raises(common.StopAfterSteps):
-    T.run(_smoke_cfg(smoke_base, "train.max_steps_this_run=3"), tmp_path / "killed")
+    J.run(_smoke_cfg(smoke_base, "train.max_steps_this_run=3"), tmp_path / "killed")
   ckpts = sorted(int(p.name) for p in (tmp_path / "killed/checkpoints/tga_finetune").iterdir() if p.name.isdigit())
   assert ckpts[-1] == 2
-  T.run(_smoke_cfg(smoke_base), tmp_path / "killed")
+  J.run(_smoke_cfg(smoke_base), tmp_path / "killed")
   full, resumed = _records(tmp_path / "full"), _records(tmp_path / "killed")
   assert [r["step"] for r in full] == list(range(1, STEPS + 1))
   assert resumed == full

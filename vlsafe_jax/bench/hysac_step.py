@@ -67,6 +67,7 @@ from vlsafe_jax.methods.hysac import losses as H
 from vlsafe_jax.methods.hysac import scalars as scalars_lib
 from vlsafe_jax.models import lora as lora_lib
 from vlsafe_jax.models.clip import CLIP
+from vlsafe_jax.train import common
 from vlsafe_jax.train import hysac_trainer
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -140,7 +141,7 @@ def synthetic_batch(spec: dict[str, Any], batch: int, seed: int = 0) -> dict[str
 # ------------------------------------------------------------------------------------------------------------
 
 def build_jax(hf_dir: str, spec: dict[str, Any], *, batch: int, dtype, dropout: float, n_devices: int = 1,
-              seed: int = 0, lora_b_std: float = 0.0) -> hysac_trainer.HySACSetup:
+              seed: int = 0, lora_b_std: float = 0.0) -> common.TrainSetup:
   """The trainer's HySAC setup (model, AdamW state, jitted donated step) on the first ``n_devices`` devices.
 
   ``lora_b_std > 0`` replaces the zero-initialised LoRA B matrices by N(0, std^2) so that the adapters change the
@@ -165,7 +166,7 @@ def build_jax(hf_dir: str, spec: dict[str, Any], *, batch: int, dtype, dropout: 
   return setup
 
 
-def jax_trainables(setup: hysac_trainer.HySACSetup) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def jax_trainables(setup: common.TrainSetup) -> tuple[dict[str, np.ndarray], dict[str, float]]:
   """Current LoRA tensors in PEFT names/layout (``base_model.model.<tower>...``) and the four log-scalars."""
   model = nnx.merge(setup.graphdef, setup.state["params"], setup.frozen)
   lora = lora_lib.export_peft(model.clip, prefix="base_model.model.")

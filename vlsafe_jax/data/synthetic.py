@@ -31,7 +31,7 @@ Design choices (made from first principles, not tuned against any model):
 * **Captions are lowercase words only**, so a tiny word-level tokenizer (``SyntheticTokenizer``) covers the
   whole language exactly; its EOS id is the largest id, so CLIP's argmax pooling and HF's first-EOS pooling agree.
 
-Public API: ``SyntheticQuadruplets`` (random-access source), ``SyntheticTokenizer``, ``clip_config``,
+Public API: ``SyntheticQuadruplets`` (random-access source), ``SyntheticTokenizer``,
 ``ZeroShotShapes`` (knowledge-preservation split for UWM), ``write_plain`` (PNG + JSONL on disk, readable by
 ``vlsafe_jax.data.visu.PlainQuadruplets``), ``default_transform``.
 
@@ -179,14 +179,6 @@ def max_caption_tokens() -> int:
   scene = (1 + shape) + (2 + 1 + shape) + (2 + shape) + 4
   phrase = max(len(_words(p)) for ps in HAZARD_PHRASES.values() for p in ps)
   return longest_template + scene + phrase + 2
-
-
-def clip_config(image_size: int = 32, max_length: int = 32) -> dict[str, int]:
-  """Sizes the trainer needs to build a small CLIP for this benchmark (vocab, context length, image size)."""
-  tok = SyntheticTokenizer(max_length)
-  return {"vocab_size": tok.vocab_size, "max_position_embeddings": max_length, "image_size": image_size,
-          "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
-          "pad_token_id": tok.pad_token_id, "num_categories": len(CATEGORIES)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -584,5 +576,5 @@ def write_plain(source: SyntheticQuadruplets, out_dir: str | Path, limit: int | 
 
 __all__ = [
     "CATEGORIES", "HAZARD_PHRASES", "SHAPE_KINDS", "SyntheticQuadruplets", "SyntheticTokenizer",
-    "UNSAFE_VARIANTS", "ZeroShotShapes", "clip_config", "rewrite_unsafe", "default_transform", "max_caption_tokens", "vocabulary", "write_plain",
+    "UNSAFE_VARIANTS", "ZeroShotShapes", "rewrite_unsafe", "default_transform", "max_caption_tokens", "vocabulary", "write_plain",
 ]

@@ -30,24 +30,23 @@ content words whatever the image); ``two_stage`` 200 + 300 steps: refusal forgot
 Neither reproduces the paper's erosion; the setting still exercises the whole CMRM pipeline end to end.
 
 Public API: :class:`WordTokenizer` (HF-style ``__call__``/``decode``, works with
-:func:`vlsafe_jax.data.vlm_prompts.build_prompt`), :func:`llava_config`, :class:`SyntheticVLM` (items and eval
-sets as :class:`vlsafe_jax.eval.vlm_safety.SafetyItem`), :func:`train` (jitted, minutes on CPU),
-:func:`save` / :func:`load` (a converted LLaVA directory readable by ``Llava.from_pretrained`` + ``vocab.json``).
+:func:`vlsafe_jax.data.vlm_prompts.build_prompt`), :class:`SyntheticVLM` (training batches, and eval sets as
+:class:`vlsafe_jax.data.prompt_sets.SafetyItem`). The model config, training (minutes on CPU), save and load are
+the trainer stage :mod:`vlsafe_jax.train.vlm_base`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vlsafe_jax.data import images as images_lib
 from vlsafe_jax.data import synthetic as scenes
+from vlsafe_jax.data.prompt_sets import SafetyItem
+from vlsafe_jax.data.vlm_prompts import build_prompt
 
 # --------------------------------------------------------------------------------------------------------------
 # Language
@@ -138,28 +137,6 @@ class WordTokenizer:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Model config
-# --------------------------------------------------------------------------------------------------------------
-
-def llava_config(tokenizer: WordTokenizer, *, image_size: int = 32, patch_size: int = 8, vision_width: int = 32,
-                 vision_layers: int = 2, width: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                 mlp: int = 128):
-  """A tiny :class:`LlavaConfig` (16 image tokens at 32 px / patch 8) for ``tokenizer``'s vocabulary."""
-  from vlsafe_jax.models.clip import CLIPVisionConfig
-  from vlsafe_jax.models.llama import LlamaConfig
-  from vlsafe_jax.models.llava import LlavaConfig
-  vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_width,
-                            intermediate_size=2 * vision_width, num_hidden_layers=vision_layers,
-                            num_attention_heads=4, projection_dim=vision_width)
-  text = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=mlp,
-                     num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                     max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  return LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id,
-                     vision_feature_layer=-2 if vision_layers >= 2 else -1)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------
 
@@ -232,7 +209,7 @@ def eval_scene(seed: int, item_id: str, image_size: int):
 class SyntheticVLM:
   """Train rows and evaluation sets of the setting (deterministic from ``seed``).
 
-  Evaluation sets (lists of :class:`vlsafe_jax.eval.vlm_safety.SafetyItem` with in-memory uint8 images):
+  Evaluation sets (lists of :class:`vlsafe_jax.data.prompt_sets.SafetyItem` with in-memory uint8 images):
   ``harmful`` (held-out harmful requests, each with a benign scene image; category = harm category),
   ``benign`` (held-out benign requests with an image), ``grounded`` (image questions; ``caption`` holds the
   expected answer for utility scoring), and ``anchor`` (CMRM anchor set: other scenes with held-out harmful and
@@ -250,7 +227,6 @@ class SyntheticVLM:
     return eval_scene(self.seed, f"{name}-{i}", self.image_size)
 
   def eval_set(self, name: str, limit: int | None = None):
-    from vlsafe_jax.eval.vlm_safety import SafetyItem
     harm = [r for r in self.eval_requests if r.harmful]
     ben = [r for r in self.eval_requests if not r.harmful]
     items = []
@@ -298,8 +274,6 @@ class SyntheticVLM:
     answer token, so logits[:, t] predict ids[:, t + 1]) and ``pixels (I, h, w, 3)`` float32 normalised (None
     when no component has images).
     """
-    from vlsafe_jax.data import images as images_lib
-    from vlsafe_jax.data.vlm_prompts import build_prompt
     k = len(components)
     if batch_size % k:
       raise ValueError(f"batch_size {batch_size} must be a multiple of the number of mixture components ({k})")
@@ -325,122 +299,6 @@ class SyntheticVLM:
     return ids, mask, loss, (np.stack(pix) if pix else None)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Training, saving, loading
-# --------------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  steps: int = 600
-  batch_size: int = 32
-  lr: float = 3e-3
-  warmup: int = 50
-  weight_decay: float = 0.01
-  seq_len: int = 64
-  seed: int = 0
-  model_seed: int = 0
-  # "mixed": all four components in every batch for ``steps``. "two_stage" (LLaVA's pipeline): ``steps`` of
-  # text-only alignment (components 0, 1: the aligned backbone LLM), then ``stage2_steps`` of visual instruction
-  # tuning on image rows (2, 3) plus benign text (1), with no refusal targets at all in stage 2.
-  schedule: str = "mixed"
-  stage2_steps: int = 300
-
-
-def train(setting: SyntheticVLM, model_config, cfg: TrainConfig = TrainConfig(), *, progress: bool = False,
-          log_every: int = 50) -> tuple[Any, list[dict[str, float]]]:
-  """Trains a tiny LLaVA from scratch on the mixture (one jitted AdamW step); returns ``(model, log)``.
-
-  The loss is the mean next-token cross-entropy over answer tokens (incl. EOS); every parameter is trained
-  (vision tower, projector and decoder: there is no pretrained part to freeze in this setting).
-  """
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
-  from vlsafe_jax.models.llava import Llava
-
-  model = Llava(model_config, rngs=nnx.Rngs(cfg.model_seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  total = cfg.steps + (cfg.stage2_steps if cfg.schedule == "two_stage" else 0)
-  sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(total, cfg.warmup + 1))
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=cfg.weight_decay))
-  opt_state = tx.init(params)
-
-  def loss_fn(p, ids, mask, lmask, pixels):
-    m = nnx.merge(graphdef, p, rest)
-    logits, _, _ = m(ids, pixels, attention_mask_bt=mask)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    w = lmask[:, :-1]
-    return (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
-
-  @jax.jit
-  def step(p, o, ids, mask, lmask, pixels):
-    loss, g = jax.value_and_grad(loss_fn)(p, ids, mask, lmask, pixels)
-    upd, o = tx.update(g, o, p)
-    return optax.apply_updates(p, upd), o, loss
-
-  if cfg.schedule == "mixed":
-    plan = [(0, 1, 2, 3)] * cfg.steps
-  elif cfg.schedule == "two_stage":
-    # Stage-2 rows: 2 grounded + 1 image/benign + 1 text/benign per 4 (multiples of 4 keep batches static).
-    plan = [(0, 1)] * cfg.steps + [(2, 2, 3, 1)] * cfg.stage2_steps
-  else:
-    raise ValueError(f"TrainConfig.schedule {cfg.schedule!r} unknown; expected 'mixed' or 'two_stage'")
-  rng = np.random.default_rng([cfg.seed, 99])
-  log = []
-  it = range(len(plan))
-  if progress:
-    from tqdm import tqdm
-    it = tqdm(it, desc="train synthetic LLaVA")
-  t0 = time.time()
-  for s in it:
-    ids, mask, lmask, pixels = setting.train_batch(rng, cfg.batch_size, model_config, cfg.seq_len, plan[s])
-    params, opt_state, loss = step(params, opt_state, ids, mask, lmask, pixels)
-    if (s + 1) % log_every == 0 or s == len(plan) - 1:
-      lv = float(loss)
-      if not np.isfinite(lv):
-        raise FloatingPointError(f"synthetic LLaVA training: loss is {lv} at step {s + 1}")
-      log.append({"step": s + 1, "loss": lv, "elapsed_s": time.time() - t0})
-  return nnx.merge(graphdef, params, rest), log
-
-
-VOCAB_FILE = "synthetic_vocab.json"
-
-
-def save(model, tokenizer: WordTokenizer, directory: str | os.PathLike, meta: dict | None = None) -> Path:
-  """A converted LLaVA directory (``Llava.from_pretrained`` reads it) plus the vocabulary and metadata."""
-  from checkpoints_convert import llava as convert
-  d = convert.save_converted(model, directory)
-  (d / VOCAB_FILE).write_text(json.dumps(tokenizer.to_json()))
-  (d / "synthetic_vlm.json").write_text(json.dumps(meta or {}, indent=2, default=str))
-  return d
-
-
-def load(directory: str | os.PathLike):
-  """``(Llava, WordTokenizer)`` from a directory written by :func:`save`."""
-  from vlsafe_jax.models.llava import Llava
-  d = Path(directory)
-  if not (d / VOCAB_FILE).is_file():
-    raise FileNotFoundError(f"{d}: no {VOCAB_FILE} (not a synthetic LLaVA directory written by synthetic_vlm.save)")
-  tok = WordTokenizer.from_json(json.loads((d / VOCAB_FILE).read_text()))
-  return Llava.from_pretrained(d), tok
-
-
-def train_or_load(directory: str | os.PathLike, *, seed: int = 0, train_cfg: TrainConfig = TrainConfig(),
-                  model_kwargs: dict | None = None, progress: bool = False):
-  """Loads ``directory`` if it holds a trained model, else trains one and saves it there."""
-  d = Path(directory)
-  if (d / VOCAB_FILE).is_file():
-    return load(d)
-  setting = SyntheticVLM(seed)
-  cfg = llava_config(setting.tokenizer, **(model_kwargs or {}))
-  model, log = train(setting, cfg, train_cfg, progress=progress)
-  save(model, setting.tokenizer, d, {"train": dataclasses.asdict(train_cfg), "log": log, "seed": seed,
-                                     "model": model_kwargs or {}})
-  return model, setting.tokenizer
-
-
-__all__ = ["WordTokenizer", "vocabulary", "llava_config", "SyntheticVLM", "Request", "all_requests",
-           "split_requests", "scene_image", "TrainConfig", "train", "save", "load", "train_or_load", "REFUSAL",
-           "HELPFUL", "SYSTEM", "HARMFUL", "BENIGN"]
+__all__ = ["WordTokenizer", "vocabulary", "SyntheticVLM", "Request", "all_requests", "split_requests",
+           "scene_image", "eval_scene", "qa_pair", "EVAL_OFFSETS", "REFUSAL", "HELPFUL", "SYSTEM", "HARMFUL",
+           "BENIGN"]

@@ -3,7 +3,8 @@ side's refusal to toxic images? (tga.md §1, labelled synthetic; a demonstration
 
 Built on the embedded scenes (:mod:`vlsafe_jax.data.synthetic`: shapes on a background; the "unsafe" twin adds
 one of 7 hazard motifs, whose caption adds a hazard phrase) and the synthetic tiny LLaVA of
-:mod:`vlsafe_jax.data.synthetic_vlm` (its word tokenizer and :func:`~vlsafe_jax.data.synthetic_vlm.llava_config`).
+:mod:`vlsafe_jax.data.synthetic_vlm` (its word tokenizer; the model config and the base-model training are the
+trainer stage :mod:`vlsafe_jax.train.vlm_base`).
 
 Design (fixed before looking at outcomes):
 
@@ -26,13 +27,15 @@ The "plain" variant (standard LLaVA training, no retrieved text, no auxiliary lo
 """
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from vlsafe_jax.data import images as images_lib
 from vlsafe_jax.data import synthetic as scenes
 from vlsafe_jax.data import synthetic_vlm
+from vlsafe_jax.data.prompt_sets import SafetyItem
 
 DESCRIBE_TEXT = "describe this scene : {}"
 DESCRIBE_IMAGE = "describe this image ."
@@ -48,6 +51,20 @@ def tokenizer() -> synthetic_vlm.WordTokenizer:
                                           "retrieved text user assistant"]))
   words = sorted(set(synthetic_vlm.vocabulary()) | set(extra))
   return synthetic_vlm.WordTokenizer(words)
+
+
+def bag_of_words(corpus: Sequence[str]) -> Callable[[Sequence[str]], np.ndarray]:
+  """The setting's text encoder for retrieval (no trained encoder exists here): texts -> (N, V) float32 word
+  counts over the sorted words of ``corpus`` (every encoded text must use only those words)."""
+  vocab = {w: i for i, w in enumerate(sorted({w for c in corpus for w in c.split()}))}
+
+  def encode(texts):
+    out = np.zeros((len(texts), len(vocab)), np.float32)
+    for r, t in enumerate(texts):
+      for w in t.split():
+        out[r, vocab[w]] += 1.0
+    return out
+  return encode
 
 
 def _background(caption: str) -> str:
@@ -88,35 +105,26 @@ class TGASynthetic:
   def caption_pool(self) -> list[str]:
     return sorted({self.train[i][k] for i in range(len(self.train)) for k in ("safe_caption", "unsafe_caption")})
 
-  def retrieved_for(self, captions: list[str]) -> list[str]:
-    """Nearest other pool caption per caption (bag-of-words cosine, top-1 after excluding itself)."""
-    from vlsafe_jax.methods.tga import retrieval
-    pool = self.caption_pool()
-    vocab = {w: i for i, w in enumerate(sorted({w for c in pool + captions for w in c.split()}))}
-
-    def bow(texts):
-      out = np.zeros((len(texts), len(vocab)), np.float32)
-      for r, t in enumerate(texts):
-        for w in t.split():
-          out[r, vocab[w]] += 1.0
-      return out
-    index = retrieval.RetrievalIndex(pool, bow(pool), encoder_id="bag-of-words")
-    return [r[0] for r in retrieval.retrieve_texts(index, bow(captions), k=1, exclude=captions)]
-
-  def stage_rows(self, stage: str) -> list[dict[str, Any]]:
+  def stage_rows(self, stage: str, retrieve: Callable[[list[str], list[str]], list[str]]) -> list[dict[str, Any]]:
+    """Rows of TGA stage ``stage`` (see the module docstring). ``retrieve(pool, captions)`` gives each caption's
+    retrieved text from the caption pool (:meth:`caption_pool`): the nearest *other* pool caption by bag-of-words
+    cosine (:func:`vlsafe_jax.methods.tga.retrieval.nearest_other_texts` with :func:`bag_of_words` of pool +
+    captions; the TGA job passes it).
+    """
     rows: list[dict[str, Any]] = []
+    pool = self.caption_pool()
     n = len(self.train)
     items = [self.train[i] for i in range(n)]
     if stage == "pretrain":
       caps = [it["safe_caption"] for it in items]
-      ret = self.retrieved_for(caps)
+      ret = retrieve(pool, caps)
       for i, it in enumerate(items):
         rows.append({"id": f"pre-{i}", "image": self._img(f"tr-safe-{i}", it["safe_image"]),
                      "image_caption": it["safe_caption"], "retrieved_caption": ret[i],
                      "conversations": self._conv("", it["safe_caption"], True)})
       return rows
     caps = [it["safe_caption"] for it in items] + [it["unsafe_caption"] for it in items]
-    ret = self.retrieved_for(caps)
+    ret = retrieve(pool, caps)
     for i, it in enumerate(items):
       safe_key = self._img(f"tr-safe-{i}", it["safe_image"])
       haz_key = self._img(f"tr-haz-{i}", it["unsafe_image"])
@@ -150,64 +158,11 @@ class TGASynthetic:
 
   def toxic_items(self):
     """Unseen hazard images with "describe this image ." (category = hazard), as harness SafetyItems."""
-    from vlsafe_jax.eval.vlm_safety import SafetyItem
     return [SafetyItem(f"tox-{i}", DESCRIBE_IMAGE, self.test[i]["unsafe_image"], self.test[i]["tag"],
                        self.test[i]["unsafe_caption"]) for i in range(len(self.test))]
 
   def image_fn(self):
-    from vlsafe_jax.data import images as images_lib
     return lambda row: images_lib.preprocess(self.images[row["image"]], self.image_size)[0]
 
 
-def setting(cfg, *, dtype, mesh, workdir=None) -> dict[str, Any]:
-  """The trainer's setting dict (see ``tga_trainer.load_setting``) with a text-aligned base model, trained once
-  and cached under ``cfg.data.base_dir`` (default ``<workdir>/base``; a converted LLaVA directory + vocabulary)."""
-  import jax
-  import jax.numpy as jnp
-  import ml_collections
-  from flax import nnx
-  from vlsafe_jax.data import images as images_lib
-  from vlsafe_jax.models.llava import Llava
-  d = cfg.data
-  data = TGASynthetic(d.seed, d.train_size, d.eval_size, d.image_size)
-  tok = tokenizer()
-  base_dir = Path(d.base_dir) if d.base_dir else Path(workdir or ".") / "base"
-  if (base_dir / synthetic_vlm.VOCAB_FILE).is_file():
-    model, tok = synthetic_vlm.load(base_dir)
-  else:
-    from vlsafe_jax.train import tga_trainer
-    mcfg = synthetic_vlm.llava_config(tok, image_size=d.image_size, **dict(cfg.model.dims))
-    model = Llava(mcfg, rngs=nnx.Rngs(cfg.seed))
-    b = cfg.base
-    src = tga_trainer.TGASource(data.base_rows(), tok, mcfg, stage="finetune", max_length=b.max_length,
-                                ref_max_length=4, image_fn=None, template="llava_v1", system=SYSTEM)
-    optim = ml_collections.ConfigDict(dict(lr=b.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                                           schedule="warmup_cosine", warmup_steps=max(b.steps // 20, 1)))
-    loss_cfg = tga_trainer.loss_lib.TGALossConfig(layers=(1,), w_al=0.0, w_pw=0.0)
-    with jax.set_mesh(mesh):
-      setup = tga_trainer.build_stage(model, "finetune", loss_cfg=loss_cfg, optim=optim, total_steps=b.steps,
-                                      mesh=mesh)
-      rng = np.random.default_rng([cfg.seed, 5])
-      state = setup.state
-      from vlsafe_jax import sharding
-      for s in range(b.steps):
-        idx = rng.integers(len(src), size=b.batch_size)
-        recs = [src[int(i)] for i in idx]
-        batch = sharding.shard_batch({k: np.stack([r[k] for r in recs]) for k in recs[0]}, mesh)
-        state, m = setup.step_fn(state, setup.frozen, batch, jax.random.key(0))
-      setup.state = state
-      tga_trainer.merge_params(model, setup)
-    print(f"[tga_synthetic] text-aligned base: final CE {float(m['ce']):.3f} after {b.steps} steps")
-    synthetic_vlm.save(model, tok, base_dir, {"kind": "tga_synthetic_base", "steps": b.steps})
-    model, tok = synthetic_vlm.load(base_dir)
-  if dtype != jnp.float32:
-    model = Llava.from_pretrained(base_dir, dtype=dtype, param_dtype=jnp.float32)
-  rows = {"pretrain": data.stage_rows("pretrain"), "finetune": data.stage_rows("finetune")}
-  fn = data.image_fn()
-  heldout = data.heldout_rows()
-  return {"model": model, "tokenizer": tok, "rows": rows, "image_fn": {"pretrain": fn, "finetune": fn},
-          "heldout_rows": heldout, "safety_items": data.toxic_items(),
-          "eval_image_fn": lambda item: images_lib.preprocess(item.image, d.image_size)[0]}
-
-
-__all__ = ["TGASynthetic", "tokenizer", "setting", "DESCRIBE_TEXT", "DESCRIBE_IMAGE", "GROUNDED_Q", "REFUSAL"]
+__all__ = ["TGASynthetic", "tokenizer", "bag_of_words", "DESCRIBE_TEXT", "DESCRIBE_IMAGE", "GROUNDED_Q", "REFUSAL"]

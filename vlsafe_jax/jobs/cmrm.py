@@ -24,7 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vlsafe_jax.data import synthetic_vlm
+from vlsafe_jax.data import prompt_sets, synthetic_vlm
 from vlsafe_jax.data.tokenize import load_tokenizer
 from vlsafe_jax.data.vlm_prompts import build_prompt
 from vlsafe_jax.eval import judge as judge_lib
@@ -33,7 +33,7 @@ from vlsafe_jax.jobs.stages import Stages
 from vlsafe_jax.methods.cmrm import analysis, shift, steer
 from vlsafe_jax.models.llava import Llava
 from vlsafe_jax.perf import format_table
-from vlsafe_jax.train import common
+from vlsafe_jax.train import common, vlm_base
 
 COMMANDS = ("extract", "generate", "evaluate", "sweep", "analyze")
 # Plot label and colour of each input variant (analysis.VARIANTS).
@@ -50,8 +50,8 @@ def load_model(cfg, workdir: Path):
   """(model, tokenizer, model_id) for ``cfg.model.kind`` ``synthetic`` (trained on first use) or ``hf``."""
   if cfg.model.kind == "synthetic":
     path = Path(cfg.model.path) if cfg.model.path else workdir / "model"
-    tc = synthetic_vlm.TrainConfig(steps=cfg.model.train_steps, batch_size=cfg.model.train_batch_size, seed=cfg.seed)
-    model, tok = synthetic_vlm.train_or_load(path, seed=cfg.seed, train_cfg=tc, model_kwargs=dict(cfg.model.sizes),
+    tc = vlm_base.TrainConfig(steps=cfg.model.train_steps, batch_size=cfg.model.train_batch_size, seed=cfg.seed)
+    model, tok = vlm_base.train_or_load(path, seed=cfg.seed, train_cfg=tc, model_kwargs=dict(cfg.model.sizes),
                                              progress=cfg.progress)
     return model, tok, f"synthetic:{path}"
   if cfg.model.kind == "hf":
@@ -60,7 +60,7 @@ def load_model(cfg, workdir: Path):
   raise ValueError(f"model.kind {cfg.model.kind!r} unknown; expected 'synthetic' or 'hf'")
 
 
-def load_sets(cfg) -> tuple[dict[str, list[vlm_safety.SafetyItem]], list[vlm_safety.SafetyItem]]:
+def load_sets(cfg) -> tuple[dict[str, list[prompt_sets.SafetyItem]], list[prompt_sets.SafetyItem]]:
   """({eval set name: items}, anchor items)."""
   if cfg.data.kind == "synthetic":
     st = synthetic_vlm.SyntheticVLM(cfg.seed)
@@ -71,7 +71,7 @@ def load_sets(cfg) -> tuple[dict[str, list[vlm_safety.SafetyItem]], list[vlm_saf
   rng = np.random.default_rng(cfg.seed)
   for spec in cfg.data.sets:
     name, kind, path = spec.split(":", 2)
-    items = vlm_safety.read_prompt_set(path, kind, image_root=cfg.data.image_root or None)
+    items = prompt_sets.read_prompt_set(path, kind, image_root=cfg.data.image_root or None)
     perm = rng.permutation(len(items))
     k = int(round(cfg.data.anchor_fraction * len(items)))
     anchors += [items[i] for i in sorted(perm[:k]) if items[i].has_image]
@@ -129,7 +129,7 @@ def _synthetic_scene_captions(items, seed: int):
   return out
 
 
-def analysis_items(cfg, sets) -> list[vlm_safety.SafetyItem]:
+def analysis_items(cfg, sets) -> list[prompt_sets.SafetyItem]:
   """Items for ``analyze``: the image-bearing items of eval set ``analysis.set`` (empty: the first set), the first
   ``analysis.limit`` of them (0: all)."""
   acfg = cfg.get("analysis") or {}
@@ -152,7 +152,7 @@ def collect_states(model, tokenizer, items: Sequence[Any], *, vectors=None, alph
 
   Args:
     model: a :class:`vlsafe_jax.models.llava.Llava`. tokenizer: the prompt tokenizer.
-    items: :class:`vlsafe_jax.eval.vlm_safety.SafetyItem` s, each with an image (``caption`` optional).
+    items: :class:`vlsafe_jax.eval.prompt_sets.SafetyItem` s, each with an image (``caption`` optional).
     vectors: (L, D) CMRM vectors; None = unsteered groups only. alpha / layers / apply: as ``steer.steer_hooks``.
     layer: 0-based decoder layer whose residual output is collected (-1 = the last; before the final norm).
     use_captions: build the ``caption`` variant when every item has a caption.

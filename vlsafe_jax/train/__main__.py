@@ -9,7 +9,8 @@ import sys
 
 from vlsafe_jax import config as config_lib
 from vlsafe_jax.jobs import hysac as hysac_job
-from vlsafe_jax.train import lorentz_demo, tga_trainer
+from vlsafe_jax.jobs import tga as tga_job
+from vlsafe_jax.train import lorentz_demo
 
 # The project's main job: HySAC end to end on the embedded synthetic benchmark (configs/hysac_synthetic.py).
 DEFAULT_CONFIG = "hysac_synthetic"
@@ -17,7 +18,7 @@ DEFAULT_CONFIG = "hysac_synthetic"
 JOBS = {
     "lorentz_demo": lorentz_demo.run,
     "hysac": hysac_job.run,
-    "tga": tga_trainer.run,   # TGA: still the trainer's own driver (to become vlsafe_jax/jobs/tga.py)
+    "tga": tga_job.run,
 }
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from checkpoints_convert.clip import CLIP_FAMILY
 from vlsafe_jax import checkpoint as ckpt_lib
-from vlsafe_jax.data import sources
+from vlsafe_jax.data import sources, synthetic
 from vlsafe_jax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, clip_image_flops, \
     clip_text_flops
 from vlsafe_jax.train import common
@@ -28,10 +28,17 @@ from vlsafe_jax.train import common
 STAGE = "clip"
 
 
+def synthetic_clip_sizes(image_size: int = 32, max_length: int = 32) -> dict[str, int]:
+  """Sizes a small CLIP needs for the synthetic benchmark (vocab, context length, image size, special ids)."""
+  tok = synthetic.SyntheticTokenizer(max_length)
+  return {"vocab_size": tok.vocab_size, "max_position_embeddings": max_length, "image_size": image_size,
+          "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+          "pad_token_id": tok.pad_token_id, "num_categories": len(synthetic.CATEGORIES)}
+
+
 def synthetic_clip_config(model: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> CLIPConfig:
   """The small CLIP of ``cfg.clip_model`` sized for the synthetic language and images."""
-  from vlsafe_jax.data import synthetic
-  sc = synthetic.clip_config(data.image_size, data.max_length)
+  sc = synthetic_clip_sizes(data.image_size, data.max_length)
   common_kw = dict(hidden_size=model.width, intermediate_size=model.width * model.mlp_ratio,
                    num_hidden_layers=model.layers, num_attention_heads=model.heads, projection_dim=model.embed_dim)
   text = CLIPTextConfig(vocab_size=sc["vocab_size"], max_position_embeddings=data.max_length,
@@ -123,4 +130,4 @@ def train_clip(cfg: ml_collections.ConfigDict, workdir: Path, writer: common.Met
   return out_dir
 
 
-__all__ = ["synthetic_clip_config", "clip_contrastive_loss", "train_clip"]
+__all__ = ["synthetic_clip_sizes", "synthetic_clip_config", "clip_contrastive_loss", "train_clip"]

@@ -1,5 +1,6 @@
-"""Loop pieces shared by the trainers (``clip_trainer``, ``hysac_trainer``): run directory, metrics, optimizer,
-jitted update with donation, orbax resume, non-finite guard, progress bars.
+"""Loop pieces shared by the trainers (``clip_trainer``, ``hysac_trainer``, ``tga_trainer``, ``vlm_base``,
+``lorentz_demo``): run directory, metrics, optimizer, one setup (:func:`build_setup`), one jitted update with
+donation and gradient accumulation (:func:`make_update_fn`), orbax resume, non-finite guard, progress bars.
 
 Train state is a plain dict pytree ``{"params": pure dict, "opt": optax state, "step": int32}``; the frozen part of
 a model (base weights, rng streams) is a separate, non-donated pure dict. ``make_update_fn`` turns a loss function
@@ -8,6 +9,7 @@ metrics)`` step: one trace, state donated, ``out_shardings`` pinned.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -171,14 +173,27 @@ def guard_nonfinite(nonfinite: str, loss: jax.Array, grad_norm: jax.Array, new: 
   return new, {"finite": finite.astype(jnp.float32), "skipped": skipped.astype(jnp.float32)}
 
 
+def split_micro(x: jax.Array, accum: int) -> jax.Array:
+  """(B, ...) -> (A, B/A, ...) taking rows {i*A + a} for micro-batch a, so each device's contiguous batch block
+  contributes equally to every micro-batch (no cross-device reshuffle when B/A is a multiple of the devices)."""
+  b = x.shape[0]
+  if b % accum:
+    raise ValueError(f"batch of {b} rows does not split into {accum} equal micro-batches")
+  return jnp.swapaxes(x.reshape((b // accum, accum) + x.shape[1:]), 0, 1)
+
+
 def make_update_fn(loss_fn: Callable, tx: optax.GradientTransformation, *, state_sh: State, mesh: Mesh,
                    lr_fn: optax.Schedule | None = None, nonfinite: str = "raise",
-                   pre_step: Callable[[Any], Any] | None = None) -> Callable:
-  """The jitted train step ``(state, frozen, batch, rng) -> (state, metrics)`` (state donated).
+                   pre_step: Callable[[Any], Any] | None = None, accum: int = 1,
+                   step_input: Callable[[jax.Array], Any] | None = None,
+                   metrics_fn: Callable[[dict, jax.Array], dict] | None = None) -> Callable:
+  """The jitted train step ``(state, frozen, batch, rng) -> (state, metrics)`` (state donated); the one update
+  step of every trainer (HySAC, TGA, the synthetic LLaVA, the Lorentz demo).
 
   Args:
-    loss_fn: ``(params, frozen, batch, key) -> (loss, aux dict of 0-d arrays)``; ``key`` =
-      ``fold_in(rng, step)``, so dropout masks depend on the step, not on the process history.
+    loss_fn: ``(params, frozen, batch, key) -> (loss, aux dict of arrays)``, or with ``step_input``
+      ``(params, frozen, batch, key, step_input(step)) -> ...``; ``key`` = ``fold_in(rng, step)``, so dropout
+      masks depend on the step, not on the process history.
     tx: optimizer.
     state_sh: train-state shardings (``out_shardings`` of the state).
     mesh: device mesh (the metrics are replicated on it).
@@ -189,26 +204,106 @@ def make_update_fn(loss_fn: Callable, tx: optax.GradientTransformation, *, state
       :func:`guard_nonfinite`. The step counter advances either way, so the schedule and data stay in step.
     pre_step: applied to the params before the forward pass (HySAC's scalar clamps); its result is what the
       gradients are taken at and what the update is applied to.
+    accum: gradient accumulation: every batch leaf (B, ...) is split into ``accum`` micro-batches by
+      :func:`split_micro` and a ``lax.scan`` sums loss, aux and gradients, then divides by ``accum`` (the mean of
+      the micro-batch means; equal to the full-batch mean when every micro-batch has the same weight). With
+      ``accum=1`` the step is exactly the plain one (no scan). All micro-batches share ``key``.
+    step_input: ``step (int32 0-d, updates completed) -> value`` passed to ``loss_fn`` as a fifth argument (TGA's
+      ``rho = step / total_steps``); not split into micro-batches.
+    metrics_fn: ``(aux, step) -> dict`` of 0-d metrics replacing ``aux`` in the record (default: ``aux`` as is);
+      ``loss``, ``grad_norm``, ``finite``, ``skipped`` and ``lr`` are always added.
   """
   if nonfinite not in ("raise", "skip"):
     raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+  if accum < 1:
+    raise ValueError(f"accum must be >= 1, got {accum}")
   repl = NamedSharding(mesh, P())
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, frozen, batch, rng):
     params = state["params"] if pre_step is None else pre_step(state["params"])
     key = jax.random.fold_in(rng, state["step"])
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, key)
+    extra = () if step_input is None else (step_input(state["step"]),)
+    if accum == 1:
+      (loss, aux), grads = grad_fn(params, frozen, batch, key, *extra)
+    else:
+      micro = jax.tree.map(lambda x: split_micro(x, accum), batch)
+
+      def body(acc, mb):
+        (l, a), g = grad_fn(params, frozen, mb, key, *extra)
+        return jax.tree.map(jnp.add, acc, (l, a, g)), None
+      shapes = jax.eval_shape(lambda: grad_fn(params, frozen, jax.tree.map(lambda x: x[0], micro), key, *extra))
+      zeros = jax.tree.map(jnp.zeros_like, (shapes[0][0], shapes[0][1], shapes[1]))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
     grad_norm = global_norm(grads)
     (new_params, opt), guard = guard_nonfinite(nonfinite, loss, grad_norm, (new_params, opt),
                                                (state["params"], state["opt"]))
-    metrics = {"loss": loss, **aux, "grad_norm": grad_norm, **guard}
+    shown = aux if metrics_fn is None else metrics_fn(aux, state["step"])
+    metrics = {"loss": loss, **shown, "grad_norm": grad_norm, **guard}
     if lr_fn is not None:
       metrics["lr"] = lr_fn(state["step"])
     return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
 
   return jax.jit(step, donate_argnums=(0,), out_shardings=(state_sh, repl))
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """What one training stage needs (built by :func:`build_setup`). ``state = {"params", "opt", "step"}`` is
+  donated to ``step_fn``; ``frozen`` (the non-trainable rest of the model: base weights, rng streams) never is.
+  ``graphdef`` + ``params`` + ``frozen`` merge back into the model (:func:`merged`). ``loss_cfg`` is the method's
+  loss config, kept for evaluation with the same settings (may be None)."""
+  graphdef: Any
+  state: State
+  frozen: Any
+  tx: optax.GradientTransformation
+  lr_fn: optax.Schedule | None
+  state_sh: State
+  mesh: Mesh
+  step_fn: Callable
+  loss_cfg: Any = None
+
+
+def build_setup(model: nnx.Module, trainable: Any, optim: ml_collections.ConfigDict | Callable, mesh: Mesh, *,
+                make_loss_fn: Callable[[Any], Callable], total_steps: int, loss_cfg: Any = None,
+                **update_kw) -> TrainSetup:
+  """Split -> place -> optimizer -> state -> jitted step, the one setup sequence of every trainer.
+
+  Args:
+    model: the nnx model (its values are read, not changed).
+    trainable: nnx filter of the trained variables; everything else is ``frozen``.
+    optim: a ConfigDict for :func:`make_optimizer` (AdamW + schedule, no weight-decay mask), or a callable
+      ``(trainable nnx.State, total_steps) -> (tx, lr_fn)`` for anything else (HySAC's decay mask and scalar lr,
+      a clipped AdamW); ``lr_fn`` may be None.
+    mesh: device mesh; trainable and frozen state follow the logical sharding table (unannotated = replicated),
+      optimizer moments follow their parameters.
+    make_loss_fn: ``graphdef -> loss_fn`` for :func:`make_update_fn`.
+    total_steps: for the schedule.
+    update_kw: the other :func:`make_update_fn` keywords (``nonfinite``, ``pre_step``, ``accum``, ``step_input``,
+      ``metrics_fn``).
+  """
+  graphdef, train_state, frozen_state = nnx.split(model, trainable, ...)
+  param_sh = pure_shardings(train_state, mesh)
+  frozen_sh = pure_shardings(frozen_state, mesh)
+  params = jax.device_put(nnx.to_pure_dict(train_state), param_sh)
+  frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_sh)
+  if callable(optim):
+    tx, lr_fn = optim(train_state, total_steps)
+  else:
+    tx, lr_fn = make_optimizer(optim, total_steps)
+  abs_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  state_sh = train_state_shardings(tx, abs_params, param_sh, mesh)
+  state = init_train_state(tx, params, state_sh)
+  step_fn = make_update_fn(make_loss_fn(graphdef), tx, state_sh=state_sh, mesh=mesh, lr_fn=lr_fn, **update_kw)
+  return TrainSetup(graphdef, state, frozen, tx, lr_fn, state_sh, mesh, step_fn, loss_cfg)
+
+
+def merged(setup: TrainSetup, params: Any = None) -> nnx.Module:
+  """A new model from ``setup``'s graphdef, ``params`` (default: the current trained ones) and the frozen rest."""
+  return nnx.merge(setup.graphdef, setup.state["params"] if params is None else params, setup.frozen)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,6 +446,6 @@ def embed_split(encode: Callable[[dict], tuple[np.ndarray, ...]], source, transf
 __all__ = [
     "NonFiniteLossError", "StopAfterSteps", "maybe_initialize_distributed", "prepare_workdir", "MetricsWriter",
     "learning_rate_schedule", "make_optimizer", "make_mesh", "pure_shardings", "train_state_shardings",
-    "init_train_state", "global_norm", "guard_nonfinite", "make_update_fn", "resume", "save", "to_host", "run_loop",
-    "make_train_loader", "embed_split",
+    "init_train_state", "global_norm", "guard_nonfinite", "split_micro", "make_update_fn", "TrainSetup", "build_setup",
+    "merged", "resume", "save", "to_host", "run_loop", "make_train_loader", "embed_split",
 ]

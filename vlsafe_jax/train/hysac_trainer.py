@@ -69,22 +69,6 @@ def loss_config(h: ml_collections.ConfigDict, variant: str, per_device_batch: in
       per_device_batch=per_device_batch if l.negatives == "local" else None, **ABLATIONS[variant])
 
 
-@dataclasses.dataclass
-class HySACSetup:
-  """Everything a training step needs. ``state = {"params", "opt", "step"}`` (donated); ``frozen`` = base CLIP
-  weights, frozen scalars and dropout-stream state (pure dict, never donated)."""
-  graphdef: Any
-  state: dict
-  frozen: Any
-  tx: optax.GradientTransformation
-  lr_fn: optax.Schedule
-  state_sh: dict
-  mesh: Mesh
-  loss_cfg: losses.HySACLossConfig
-  step_fn: Any
-  options: hysac_model.HySACOptions
-
-
 def make_loss_fn(graphdef, loss_cfg: losses.HySACLossConfig):
   """The step's objective ``(params, frozen, batch, key) -> (total, aux)``: merge, reseed dropout with ``key``, embed
   the quadruplet, lift, seven terms. ``params`` must already be clamped (:func:`clamp_params`); ``aux`` holds the
@@ -125,7 +109,7 @@ def make_train_step(graphdef, loss_cfg: losses.HySACLossConfig, tx: optax.Gradie
 
 def build_hysac(clip: CLIP, *, options: hysac_model.HySACOptions, loss_cfg: losses.HySACLossConfig,
                 optim: ml_collections.ConfigDict, total_steps: int, mesh: Mesh, seed: int = 0,
-                nonfinite: str = "raise") -> HySACSetup:
+                nonfinite: str = "raise") -> common.TrainSetup:
   """Wraps ``clip`` with LoRA + scalars, places trainable/frozen state on ``mesh`` and builds optimizer + step.
 
   Weight decay (``optim.weight_decay``) applies to LoRA parameters only, never to the scalars (mask by
@@ -133,27 +117,24 @@ def build_hysac(clip: CLIP, *, options: hysac_model.HySACOptions, loss_cfg: loss
   ``mesh.fsdp > 1``); trainable state and optimizer moments are sharded like their parameters.
   """
   model = hysac_model.HySAC.from_clip(clip, options, seed=seed)
-  graphdef, trainable, frozen = nnx.split(model, hysac_model.TRAINABLE, ...)
-  wd_mask = hysac_model.trainable_mask_wd(trainable)
-  param_sh = common.pure_shardings(trainable, mesh)
-  frozen_sh = common.pure_shardings(frozen, mesh)
-  params = jax.device_put(nnx.to_pure_dict(trainable), param_sh)
-  frozen = jax.device_put(nnx.to_pure_dict(frozen), frozen_sh)
-  tx, lr_fn = common.make_optimizer(optim, total_steps, wd_mask)
-  scalar_mult = float(optim.get("scalar_lr_multiplier", 1.0))
-  if scalar_mult != 1.0:
-    # The four scalars' lr = lr * multiplier: they get no weight decay, so scaling their AdamW update is exactly
-    # scaling their lr (a short, high-lr LoRA schedule can keep the scalars near the reference's 1e-4).
-    scalar_mask = jax.tree.map(lambda decayed: not decayed, wd_mask)
-    tx = optax.chain(tx, optax.masked(optax.scale(scalar_mult), scalar_mask))
-  abs_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  state_sh = common.train_state_shardings(tx, abs_params, param_sh, mesh)
-  state = common.init_train_state(tx, params, state_sh)
-  step_fn = make_train_step(graphdef, loss_cfg, tx, state_sh=state_sh, mesh=mesh, lr_fn=lr_fn, nonfinite=nonfinite)
-  return HySACSetup(graphdef, state, frozen, tx, lr_fn, state_sh, mesh, loss_cfg, step_fn, options)
+
+  def make_tx(trainable, steps):
+    wd_mask = hysac_model.trainable_mask_wd(trainable)
+    tx, lr_fn = common.make_optimizer(optim, steps, wd_mask)
+    scalar_mult = float(optim.get("scalar_lr_multiplier", 1.0))
+    if scalar_mult != 1.0:
+      # The four scalars' lr = lr * multiplier: they get no weight decay, so scaling their AdamW update is exactly
+      # scaling their lr (a short, high-lr LoRA schedule can keep the scalars near the reference's 1e-4).
+      scalar_mask = jax.tree.map(lambda decayed: not decayed, wd_mask)
+      tx = optax.chain(tx, optax.masked(optax.scale(scalar_mult), scalar_mask))
+    return tx, lr_fn
+
+  return common.build_setup(model, hysac_model.TRAINABLE, make_tx, mesh, total_steps=total_steps,
+                            make_loss_fn=lambda graphdef: make_loss_fn(graphdef, loss_cfg), loss_cfg=loss_cfg,
+                            nonfinite=nonfinite, pre_step=clamp_params)
 
 
-def eval_model(setup: HySACSetup, params=None) -> hysac_model.HySAC:
+def eval_model(setup: common.TrainSetup, params=None) -> hysac_model.HySAC:
   """A HySAC in eval mode (no dropout) with the given (default: current) trainable params, scalars clamped."""
   params = setup.state["params"] if params is None else params
   # jax arrays only: the clamp below writes in place, and host numpy copies (device_get) are read-only.
@@ -201,7 +182,7 @@ def step_flops(clip_config, n_text_tokens: int) -> float:
 # Validation and early stopping (hysac.md §5.3)
 # --------------------------------------------------------------------------------------------------------------
 
-def validate(setup: HySACSetup, params, source, transform, batch_size: int) -> dict[str, float]:
+def validate(setup: common.TrainSetup, params, source, transform, batch_size: int) -> dict[str, float]:
   """Validation loss (seven-term, eval mode, groups of ``batch_size``) and the recall sum R@1 (t2i + i2t) over
   (T, I), (T, I*), (T*, I), ranking by Lorentzian inner product."""
   model = eval_model(setup, params)
@@ -333,7 +314,7 @@ def train_variant(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path,
 
 
 __all__ = [
-    "ABLATIONS", "HySACSetup", "options_from_cfg", "loss_config", "make_loss_fn", "clamp_params", "make_train_step",
+    "ABLATIONS", "options_from_cfg", "loss_config", "make_loss_fn", "clamp_params", "make_train_step",
     "build_hysac", "eval_model", "make_encoder", "make_clip_encoder", "step_flops", "validate", "EarlyStopping",
     "train_variant",
 ]

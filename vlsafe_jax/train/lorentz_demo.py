@@ -20,9 +20,11 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from vlsafe_jax import sharding
 from vlsafe_jax.geometry import lorentz
 from vlsafe_jax.methods.hysac import losses, scalars
 from vlsafe_jax.perf import format_table
+from vlsafe_jax.train import common
 
 SETS = ("I", "I*", "T", "T*")   # order of the hysac_loss arguments: e_i, e_iu, e_t, e_tu
 
@@ -47,26 +49,34 @@ class FreeEmbeddings(nnx.Module):
 def _train_one(cfg: ml_collections.ConfigDict, variant: str, log) -> dict:
   model = FreeEmbeddings(cfg.n_quadruplets, cfg.dim, rngs=nnx.Rngs(cfg.seed))
   loss_cfg = losses.HySACLossConfig(negatives=cfg.negatives, **ABLATIONS[variant])
-  opt = nnx.Optimizer(model, optax.adamw(cfg.lr, b1=0.9, b2=0.98, weight_decay=0.0), wrt=nnx.Param)
+  bounds = model.scalars.bounds
 
-  @nnx.jit
-  def step(model, opt, idx):
-    model.scalars.clamp_()   # the reference clamps before every forward pass
-    def loss_fn(model):
-      total, terms = losses.hysac_loss(*model.lifted(idx), model.scalars.curvature(), model.scalars.scale(),
-                                       loss_cfg)
-      return total, terms
-    (total, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    opt.update(model, grads)
-    return total, terms
+  def make_loss_fn(graphdef):
+    def loss_fn(params, frozen, batch, key):
+      del key                                   # deterministic
+      m = nnx.merge(graphdef, params, frozen)
+      return losses.hysac_loss(*m.lifted(batch["idx"]), m.scalars.curvature(), m.scalars.scale(), loss_cfg)
+    return loss_fn
 
-  rng = np.random.default_rng(cfg.seed)
-  for i in tqdm(range(cfg.steps), desc=f"demo[{variant}]", leave=False):
-    idx = jnp.asarray(rng.choice(cfg.n_quadruplets, cfg.batch_size, replace=False))
-    total, terms = step(model, opt, idx)
-    if i % 10 == 0 or i == cfg.steps - 1:
-      log({"variant": variant, "step": i, "loss": float(total), **{k: float(v) for k, v in terms.items()},
-           **{k: float(v) for k, v in model.scalars.values().items()}})
+  # The common setup and step (one device: the tables are tiny); the reference clamps the scalars before every
+  # forward pass (pre_step), and AdamW has a constant lr and no weight decay.
+  mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    setup = common.build_setup(
+        model, nnx.Param, lambda _, steps: (optax.adamw(cfg.lr, b1=0.9, b2=0.98, weight_decay=0.0), None), mesh,
+        make_loss_fn=make_loss_fn, total_steps=cfg.steps,
+        pre_step=lambda params: scalars.clamp_scalars(params, bounds))
+    state, rng_key = setup.state, jax.random.key(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    for i in tqdm(range(cfg.steps), desc=f"demo[{variant}]", leave=False):
+      idx = jnp.asarray(rng.choice(cfg.n_quadruplets, cfg.batch_size, replace=False))
+      state, metrics = setup.step_fn(state, setup.frozen, {"idx": idx}, rng_key)
+      if i % 10 == 0 or i == cfg.steps - 1:
+        terms = {k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm", "finite", "skipped")}
+        values = {k: float(state["params"]["scalars"][k]) for k in scalars.SCALAR_NAMES}
+        log({"variant": variant, "step": i, "loss": float(metrics["loss"]), **terms, **values})
+  total = metrics["loss"]
+  model = common.merged(setup, state["params"])
   model.scalars.clamp_()
   e = model.lifted(jnp.arange(cfg.n_quadruplets))
   c = model.scalars.curvature()

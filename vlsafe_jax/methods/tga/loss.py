@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlsafe_jax.data.tga_prompt import IGNORE_INDEX
+
 MODES = ("differentiable", "torch_parity")
 NORMS = ("batch", "included")
-IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)

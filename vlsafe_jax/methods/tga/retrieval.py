@@ -236,5 +236,13 @@ def retrieve_texts(index: RetrievalIndex, queries_qe, k: int = 1, *, mesh: Mesh 
   return out
 
 
+def nearest_other_texts(pool: Sequence[str], queries: Sequence[str], encode: Callable[[list[str]], np.ndarray],
+                        encoder_id: str = "") -> list[str]:
+  """The nearest pool text to each query text other than the query itself (top-1 of :func:`retrieve_texts` with
+  ``exclude=queries``): the retrieved text when the query is an image's own caption (text-to-text retrieval)."""
+  index = RetrievalIndex(list(pool), encode(list(pool)), encoder_id=encoder_id)
+  return [r[0] for r in retrieve_texts(index, encode(list(queries)), k=1, exclude=list(queries))]
+
+
 __all__ = ["RetrievalIndex", "build_index", "topk", "l2_normalize", "texts_hash", "clip_text_encoder",
-           "clip_image_encoder", "retrieve_texts"]
+           "clip_image_encoder", "retrieve_texts", "nearest_other_texts"]

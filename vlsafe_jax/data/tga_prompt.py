@@ -29,12 +29,12 @@ import numpy as np
 
 from vlsafe_jax.data.vlm_prompts import (IMAGE_PLACEHOLDER, LLAVA_LLAMA_2_SYSTEM, LLAVA_V1_SYSTEM, SEG_CAPTION,
                                          SEG_IMAGE, SEG_OTHER, SEG_QUESTION, SEG_RETRIEVED)
-from vlsafe_jax.methods.tga.loss import IGNORE_INDEX
 
 STAGES = ("pretrain", "finetune")
 TEMPLATES = ("llava_llama_2", "llava_v1")
 SEG_ANSWER = 5          # assistant tokens (labelled); lives outside vlm_prompts' ids 0-4
 SEG_PAD = -1
+IGNORE_INDEX = -100    # label of tokens without CE (HF convention); methods/tga/loss.py reads it from here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,4 +263,4 @@ def collate(examples: Sequence[TrainExample], pad_id: int, *, max_length: int, r
 
 
 __all__ = ["TrainExample", "halve_if_identical", "build_pretrain", "build_finetune", "from_llava_row", "collate",
-           "STAGES", "TEMPLATES", "SEG_ANSWER", "SEG_PAD", "SEG_RETRIEVED", "SEG_IMAGE", "SEG_CAPTION"]
+           "STAGES", "TEMPLATES", "SEG_ANSWER", "SEG_PAD", "SEG_RETRIEVED", "SEG_IMAGE", "SEG_CAPTION", "IGNORE_INDEX"]

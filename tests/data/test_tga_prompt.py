@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vlsafe_jax.data import vlm_prompts as VP
-from vlsafe_jax.methods.tga import prompt as TP
+from vlsafe_jax.data import tga_prompt as TP
 
 N, IMG, PAD = 5, 97, 0
 
