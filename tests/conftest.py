@@ -24,12 +24,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # fresh closures: a resumed run, the same job with other output paths, the same tower forward in several stages). A
 # persistent cache keyed on the optimized program (plus backend, flags and devices) turns those repeats into a
 # load of the same executable: results are those of a fresh compile, only the compile is skipped. It lives in a
-# temporary directory of this session, created by the first process (the xdist controller, or the only process)
-# and shared with the xdist workers through the environment, so nothing leaks between sessions; a directory the
-# user sets in JAX_COMPILATION_CACHE_DIR is used and kept instead.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlsafe_jax_test_xla_cache_")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# temporary directory of this session, created by the first process (the xdist controller, or the only process) and
+# removed when it exits; each process (xdist worker) writes its own subdirectory, because jax writes entries without
+# a lock unless a size bound is set, and a bound makes every write list the whole cache (quadratic in the ~1e3-1e4
+# entries of a session). A directory the user sets in JAX_COMPILATION_CACHE_DIR is used as is and kept.
+_CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+if not _CACHE_DIR:
+  if "VLSAFE_TEST_XLA_CACHE" not in os.environ:      # the first process; xdist workers inherit the variable
+    os.environ["VLSAFE_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="vlsafe_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["VLSAFE_TEST_XLA_CACHE"], ignore_errors=True)
+  _CACHE_DIR = os.path.join(os.environ["VLSAFE_TEST_XLA_CACHE"], os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -37,13 +41,10 @@ import pytest  # noqa: E402
 # Parity tests compare against float32 PyTorch; default CPU matmuls are already fp32, but be explicit.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 # Cache every program: the repeats are mostly many small compiles (0.1-1 s each on 2 cores), not a few big ones.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-# A size bound switches on the cache's file lock (jax's LRUCache locks only when it may evict): the two xdist
-# workers then never read an entry the other is still writing. 8 GiB is never reached (the suite writes < 1 GiB).
-jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 
 
 def pytest_configure(config):
