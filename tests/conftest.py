@@ -118,6 +118,7 @@ def pytest_configure_node(node):
 def pytest_xdist_make_scheduler(config, log):
   if not _uses_default_load_dist(config):
     return None        # an explicit --dist other than load: xdist's own scheduler
+  # Lazy: pytest-xdist is needed only under -n; a plain `pytest` without it installed must still load this file.
   from xdist.scheduler import LoadGroupScheduling
 
   class LongFirstLoadGroup(LoadGroupScheduling):
