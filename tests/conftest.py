@@ -83,12 +83,12 @@ def pytest_collection_modifyitems(config, items):
 # `--dist loadgroup` (tests marked @pytest.mark.xdist_group(name) run on one worker, in one go) and hands out the
 # known-long work first. It is set here rather than in pytest's addopts so that `-p no:xdist` still parses.
 
-# Measured durations (seconds, setup + call, idle 2-core host, before the compilation cache) of the longest work
-# units: an xdist_group by its name, any other test by its node id. Only the order of hand-out depends on them; a
-# test missing here (or renamed) just starts in collection order after these.
+# Durations (seconds, setup + call, measured on an idle 2-core host before the compilation cache; the group: its
+# tests' sum, estimated) of the longest work units: an xdist_group by its name, any other test by its node id. Only
+# the order of hand-out depends on them; a test missing here (or renamed) starts in collection order after these.
 LONG_FIRST = {
     "tests/train/test_hysac_train.py::test_synthetic_phenomena": 319,
-    "hysac_smoke_run": 420,
+    "hysac_smoke_run": 270,
     "tests/methods/test_uwm_e2e.py::test_uwm_smoke_run_on_synthetic_benchmark": 163,
     "tests/bench/test_suite.py::test_cpu_smoke_suite_end_to_end": 116,
     "tests/train/test_hysac_train.py::test_validation_runs_each_epoch_and_early_stop_ends_the_stage": 112,
