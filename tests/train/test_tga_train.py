@@ -97,7 +97,7 @@ def test_reference_pass_has_no_gradient_and_in_scan_means(tiny):
   b = _jb(batch)
   graphdef, params, frozen = nnx.split(model, T.trainable_filter("finetune"), ...)
   # Each computation is jitted as a whole (as in the trainer): eagerly, every primitive is dispatched and compiled
-  # on its own (this test: 48 -> 34 s CPU).
+  # on its own (pytest on this test alone, 2 cores: 48 -> 34 s CPU).
   g = jax.jit(jax.grad(lambda p: T.caption_means(nnx.merge(graphdef, p, frozen), b, (1, 3)).sum()))(params)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) == 0.0
   # Reference-pass means (truncated at layer 3, in-scan) == means over the full model's returned hidden states.
