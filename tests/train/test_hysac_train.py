@@ -35,6 +35,10 @@ def _run(workdir, *overrides, config="hysac_synthetic:smoke"):
   return train_main.main(["--config", config, "--workdir", str(workdir), "train.progress=False", *overrides])
 
 
+# Every test using the module-scoped smoke run is in this xdist group, so that under -n 2 one worker builds it once.
+SMOKE_RUN_GROUP = pytest.mark.xdist_group("hysac_smoke_run")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("smoke")
@@ -57,6 +61,7 @@ def test_default_job_is_hysac_synthetic():
   assert "lorentz_demo" in train_main.JOBS
 
 
+@SMOKE_RUN_GROUP
 def test_smoke_run_writes_run_directory(smoke_run, capsys):
   workdir, summary = smoke_run
   for f in ("config.json", "metrics.jsonl", "eval.json", "bounds.json", "summary.json", "clip_base/config.json",
@@ -88,6 +93,7 @@ def test_smoke_run_writes_run_directory(smoke_run, capsys):
   assert "is finished" in capsys.readouterr().out
 
 
+@SMOKE_RUN_GROUP
 def test_rerun_with_different_config_is_refused(smoke_run):
   workdir, _ = smoke_run
   with pytest.raises(ValueError, match="different config"):
@@ -98,6 +104,7 @@ def _hysac_only(base, *extra):
   return ("stages=('hysac',)", "ablations=()", f"base_path={base}", "train.checkpoint_every=2", *extra)
 
 
+@SMOKE_RUN_GROUP
 def test_kill_and_resume_equals_uninterrupted(smoke_run, tmp_path):
   base = smoke_run[0] / "clip_base"
   _run(tmp_path / "full", *_hysac_only(base))
@@ -137,6 +144,7 @@ class _NaNAfter:
     self.loader.close()
 
 
+@SMOKE_RUN_GROUP
 def test_probe_cli_on_the_run_directory(smoke_run):
   """python -m vlsafe_jax.hysac_probe on the smoke run's stage-1 CLIP: writes probe/hysac.json whose final root
   distances are those of its own history's last record and whose ordering flag agrees with them."""
@@ -153,6 +161,7 @@ def test_probe_cli_on_the_run_directory(smoke_run):
     assert report["history"][-1][f"root_{k}"] == pytest.approx(final[f"mean_{k}"], rel=1e-5)
 
 
+@SMOKE_RUN_GROUP
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(smoke_run, tmp_path, monkeypatch):
   base = smoke_run[0] / "clip_base"
   make = common.make_train_loader
