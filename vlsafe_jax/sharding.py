@@ -122,10 +122,38 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put(tree, shardings)`` that also works when the shardings span several processes.
+
+  Multi-process JAX refuses to ``device_put`` an array committed to one local device (e.g. a freshly built model's
+  weights) onto devices of other processes, and checks uncommitted inputs with one cross-process comparison per
+  leaf. Here every process builds its own shards from its local copy (``jax.make_array_from_callback``), so every
+  process must pass the same values (same seed, same checkpoint). Typed PRNG keys travel as their key data.
+
+  Args:
+    tree: pytree of numpy arrays, jax arrays on this process's devices, or typed PRNG key arrays.
+    shardings: one ``Sharding`` or a matching pytree of them.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def one(x, s):
+    if s.is_fully_addressable:
+      return jax.device_put(x, s)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # Key data has one more trailing axis than the keys; the same sharding leaves it whole.
+      return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+  return jax.tree.map(one, tree, shardings)
+
+
 def place_state(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
-  """Moves an nnx ``State`` onto ``mesh`` according to its logical annotations."""
+  """Moves an nnx ``State`` onto ``mesh`` according to its logical annotations (:func:`put`)."""
   shardings = state_shardings(state, mesh, rules)
-  return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+  return jax.tree.map(put, state, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -195,5 +223,5 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 __all__ = [
     "MESH_AXES", "BATCH_AXES", "LOGICAL_RULES", "make_mesh", "logical_to_spec", "state_shardings",
-    "place_state", "batch_sharding", "process_batch_block", "shard_batch", "constrain", "replicated",
+    "put", "place_state", "batch_sharding", "process_batch_block", "shard_batch", "constrain", "replicated",
 ]

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from vlsafe_jax import checkpoint as ckpt_lib
+from vlsafe_jax import sharding
 from vlsafe_jax.methods.hysac import diagnostics, losses
 from vlsafe_jax.methods.hysac import model as hysac_model
 from vlsafe_jax.methods.hysac import scalars as scalars_lib
@@ -138,8 +139,8 @@ def build_hysac(clip: CLIP, *, options: hysac_model.HySACOptions, loss_cfg: loss
   wd_mask = hysac_model.trainable_mask_wd(trainable)
   param_sh = common.pure_shardings(trainable, mesh)
   frozen_sh = common.pure_shardings(frozen, mesh)
-  params = jax.device_put(nnx.to_pure_dict(trainable), param_sh)
-  frozen = jax.device_put(nnx.to_pure_dict(frozen), frozen_sh)
+  params = sharding.put(nnx.to_pure_dict(trainable), param_sh)
+  frozen = sharding.put(nnx.to_pure_dict(frozen), frozen_sh)
   tx, lr_fn = common.make_optimizer(optim, total_steps, wd_mask)
   scalar_mult = float(optim.get("scalar_lr_multiplier", 1.0))
   if scalar_mult != 1.0:

@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlsafe_jax import checkpoint as ckpt_lib
+from vlsafe_jax import sharding
 from vlsafe_jax.methods.tga import loss as loss_lib
 from vlsafe_jax.methods.tga import prompt as prompt_lib
 from vlsafe_jax.models.llava import Llava, llava_prefill_flops
@@ -188,8 +189,8 @@ def build_stage(model: Llava, stage: str, *, loss_cfg: loss_lib.TGALossConfig, o
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(stage), ...)
   param_sh = common.pure_shardings(trainable, mesh)
   frozen_sh = common.pure_shardings(frozen, mesh)
-  params = jax.device_put(nnx.to_pure_dict(trainable), param_sh)
-  frozen = jax.device_put(nnx.to_pure_dict(frozen), frozen_sh)
+  params = sharding.put(nnx.to_pure_dict(trainable), param_sh)
+  frozen = sharding.put(nnx.to_pure_dict(frozen), frozen_sh)
   tx, lr_fn = common.make_optimizer(optim, total_steps)
   abs_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   state_sh = common.train_state_shardings(tx, abs_params, param_sh, mesh)
