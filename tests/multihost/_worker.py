@@ -152,7 +152,13 @@ def main(out: Path, ckpt_dir: Path, mode: str):
   jax.config.update("jax_default_matmul_precision", "highest")
   assert jax.device_count() == 8, jax.devices()
   t = log("start", t)
-  res = {"data/epoch": epoch_indices()}
+  res = {"data/epoch": epoch_indices(),
+         "mesh/data8_block": np.asarray(sharding.process_batch_block(sharding.make_mesh(data=8)))}
+  try:        # a 'model' axis over all devices replicates the batch across the processes: refused there
+    sharding.process_batch_block(sharding.make_mesh(data=1, model=8))
+    res["mesh/model8_refused"] = np.asarray(False)
+  except ValueError:
+    res["mesh/model8_refused"] = np.asarray(True)
   h_setup, h_loader = hysac(res)
   t = log("hysac", t)
   t_setup = tga(res)

@@ -125,6 +125,13 @@ def test_one_epoch_sees_every_item_once_across_processes(runs):
   np.testing.assert_array_equal(np.concatenate([a, b], axis=1), ref["data/epoch"])
 
 
+def test_each_process_holds_one_block_of_the_batch(runs):
+  p0, p1, ref = runs
+  assert p0["mesh/data8_block"].tolist() == [0, 2] and p1["mesh/data8_block"].tolist() == [1, 2]
+  assert ref["mesh/data8_block"].tolist() == [0, 1]
+  assert p0["mesh/model8_refused"] and p1["mesh/model8_refused"] and not ref["mesh/model8_refused"]
+
+
 def _assert_params_close(two: dict, one: dict, init: dict, what: str, n_steps: int, lr_scalars=True):
   """Per leaf: |delta_2 - delta_1| <= rtol x max|delta_1| + 2 u |p0| per step (delta = change from ``init``)."""
   assert two.keys() == one.keys() == init.keys() and two
