@@ -17,6 +17,7 @@ Meshes are built with ``AxisType.Auto`` on every axis (classic GSPMD; ``platform
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,10 +122,38 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put(tree, shardings)`` that also works when the shardings span several processes.
+
+  Multi-process JAX refuses to ``device_put`` an array committed to one local device (e.g. a freshly built model's
+  weights) onto devices of other processes, and checks uncommitted inputs with one cross-process comparison per
+  leaf. Here every process builds its own shards from its local copy (``jax.make_array_from_callback``), so every
+  process must pass the same values (same seed, same checkpoint). Typed PRNG keys travel as their key data.
+
+  Args:
+    tree: pytree of numpy arrays, jax arrays on this process's devices, or typed PRNG key arrays.
+    shardings: one ``Sharding`` or a matching pytree of them.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def one(x, s):
+    if s.is_fully_addressable:
+      return jax.device_put(x, s)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # Key data has one more trailing axis than the keys; the same sharding leaves it whole.
+      return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+  return jax.tree.map(one, tree, shardings)
+
+
 def place_state(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
-  """Moves an nnx ``State`` onto ``mesh`` according to its logical annotations."""
+  """Moves an nnx ``State`` onto ``mesh`` according to its logical annotations (:func:`put`)."""
   shardings = state_shardings(state, mesh, rules)
-  return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+  return jax.tree.map(put, state, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -134,16 +163,44 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
+@functools.lru_cache(maxsize=None)
+def process_batch_block(mesh: Mesh) -> tuple[int, int]:
+  """``(block, count)``: this process's devices hold rows ``[block*B/count, (block+1)*B/count)`` of every global
+  batch placed by :func:`batch_sharding` on ``mesh`` (``count`` = number of processes).
+
+  Raises ValueError when the batch axes do not give each process one contiguous block of its own, e.g. a
+  ``model`` axis spanning hosts (the batch is then replicated across processes, but every host reads different
+  rows). Meshes from :func:`make_mesh` over CPU or GPU devices (sorted by id, process-major) put process ``p``'s
+  block at ``p``: the order of the data loaders' host slices (``data/pipeline.py``).
+  """
+  n = jax.process_count()
+  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  held = {idx[0].indices(shards)[0] for idx in batch_sharding(mesh, 1).addressable_devices_indices_map(
+      (shards,)).values()}
+  per = shards // n
+  if shards % n or len(held) != per or max(held) - min(held) != per - 1:
+    raise ValueError(
+        f"mesh {dict(mesh.shape)} over {n} processes: process {jax.process_index()} holds batch shards "
+        f"{sorted(held)} of {shards}; each process must hold one contiguous block of {shards}/{n} (make the "
+        f"batch axes {BATCH_AXES} span the processes, e.g. keep the 'model' axis within a host)")
+  return min(held) // per, n
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
   """Places a pytree of host (numpy) arrays on ``mesh``, split along the batch axis.
 
-  Single-host: a plain ``device_put``. Multi-host: each host passes its *local* slice and the global array is
-  assembled with ``jax.make_array_from_process_local_data``.
+  Single-process: a plain ``device_put`` of the global batch. Multi-process: each process passes its *local* rows
+  (``B / process_count``, its loader's host slice) and ``jax.make_array_from_process_local_data`` assembles the
+  global array, with this process's rows at its devices' block (:func:`process_batch_block`, checked here).
   """
+  multi = jax.process_count() > 1
+  if multi:
+    process_batch_block(mesh)
+
   def one(x):
     x = np.asarray(x) if not isinstance(x, jax.Array) else x
     s = batch_sharding(mesh, x.ndim)
-    if jax.process_count() > 1:
+    if multi:
       return jax.make_array_from_process_local_data(s, np.asarray(x))
     return jax.device_put(x, s)
   return jax.tree.map(one, batch)
@@ -166,5 +223,5 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 __all__ = [
     "MESH_AXES", "BATCH_AXES", "LOGICAL_RULES", "make_mesh", "logical_to_spec", "state_shardings",
-    "place_state", "batch_sharding", "shard_batch", "constrain", "replicated",
+    "put", "place_state", "batch_sharding", "process_batch_block", "shard_batch", "constrain", "replicated",
 ]

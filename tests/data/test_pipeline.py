@@ -68,6 +68,20 @@ def test_two_hosts_get_disjoint_halves_of_the_global_batch():
     _loader(batch=7, shard_index=0, shard_count=2)
 
 
+def test_a_host_state_restores_on_any_host_and_host_count():
+  # orbax writes JSON items from process 0 only, so every host (and a run with another host count) restores
+  # host 0's state: the position is a global step, and each loader keeps its own slice.
+  h0 = _loader(n=30, batch=6, shard_index=0, shard_count=2)
+  _indices(h0, 3)
+  state = json.loads(json.dumps(h0.get_state()))
+  want = _indices(_loader(n=30, batch=6), 5)[3:]          # the single-host global batches 3 and 4
+  for index, count in ((1, 2), (0, 2), (0, 1)):
+    other = _loader(n=30, batch=6, shard_index=index, shard_count=count)
+    other.set_state(state)
+    per = 6 // count
+    assert _indices(other, 2) == [g[index * per:(index + 1) * per] for g in want], (index, count)
+
+
 def test_restored_iterator_continues_exactly(tmp_path):
   src = synthetic.SyntheticQuadruplets("train", size=19)
   kw = dict(seed=11, shard_index=0, shard_count=1, transform=synthetic.default_transform())

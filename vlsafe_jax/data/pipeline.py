@@ -150,8 +150,15 @@ class BatchIterator:
     return {"loader": self._meta(), "step": self.step, "grain": self._it.get_state()}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    """Restores a ``get_state()`` dict; the loader settings must match (else a ValueError lists the differences)."""
-    mismatch = {k: (v, state["loader"].get(k)) for k, v in self._meta().items() if state["loader"].get(k) != v}
+    """Restores a ``get_state()`` dict; the loader settings must match (else a ValueError lists the differences).
+
+    The host slot (``shard_index``/``shard_count``) is not compared: the position is a *global* step, identical on
+    every host, and each host derives its slice from its own slot. So a state saved by any host (orbax writes
+    JSON items from process 0 only) restores on every host, and with another number of hosts.
+    """
+    host_slot = ("shard_index", "shard_count")
+    mismatch = {k: (v, state["loader"].get(k)) for k, v in self._meta().items()
+                if k not in host_slot and state["loader"].get(k) != v}
     if mismatch:
       raise ValueError(f"data iterator state does not match this loader (key: (loader, state)): {mismatch}")
     self._it.set_state(state["grain"])

@@ -45,11 +45,22 @@ class StopAfterSteps(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 
 def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
-  """``jax.distributed.initialize()`` for multi-host launches: config ``distributed=True`` or the coordinator
-  environment variables (``JAX_COORDINATOR_ADDRESS``; SLURM / cloud TPU environments are auto-detected by JAX)."""
+  """Starts JAX's multi-process runtime (``jax.distributed.initialize``) when the launch asks for it: config
+  ``distributed=True`` or the environment variable ``JAX_COORDINATOR_ADDRESS``. Call it before anything touches a
+  JAX device (the trainers' ``run`` does so first); a second call is a no-op.
+
+  Under SLURM, Open MPI, Kubernetes and on Cloud TPU, JAX detects every argument itself. Elsewhere (one command
+  per host or per device) set ``JAX_COORDINATOR_ADDRESS=host:port`` of process 0 and, read here because JAX has no
+  variables for them, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; ``JAX_LOCAL_DEVICE_IDS=0,1`` (read by JAX)
+  restricts a process to some of its host's devices. CPU processes use JAX's default gloo collectives.
+  """
   want = bool(cfg.get("distributed", False)) or "JAX_COORDINATOR_ADDRESS" in os.environ
-  if want and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  if not want or jax.distributed.is_initialized():
+    return
+  env_int = lambda name: int(os.environ[name]) if os.environ.get(name) else None
+  jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"), process_id=env_int("JAX_PROCESS_ID"))
+  print(f"[distributed] process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
+        f"{jax.device_count()} devices", flush=True)
 
 
 def prepare_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> Path:
@@ -288,8 +299,8 @@ def build_setup(model: nnx.Module, trainable: Any, optim: ml_collections.ConfigD
   graphdef, train_state, frozen_state = nnx.split(model, trainable, ...)
   param_sh = pure_shardings(train_state, mesh)
   frozen_sh = pure_shardings(frozen_state, mesh)
-  params = jax.device_put(nnx.to_pure_dict(train_state), param_sh)
-  frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_sh)
+  params = sharding.put(nnx.to_pure_dict(train_state), param_sh)
+  frozen = sharding.put(nnx.to_pure_dict(frozen_state), frozen_sh)
   if callable(optim):
     tx, lr_fn = optim(train_state, total_steps)
   else:
