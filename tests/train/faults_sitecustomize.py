@@ -2,8 +2,8 @@
 
 ``VLSAFE_FAULT=<kind>:<n>`` makes the process SIGKILL itself at the n-th occurrence of
 
-* ``checkpoint_commit``: an orbax step commit, after every file of the step is in its temporary directory and
-  before the rename that publishes it (a kill in the middle of writing a checkpoint);
+* ``checkpoint_commit``: an orbax step commit, after every item of the step is in its temporary directory and
+  before the rename that publishes the step (a kill in the middle of writing a checkpoint);
 * ``metrics_append``: a ``metrics.jsonl`` append, after half of the line reached the file (a torn record).
 
 Nothing in the library knows about this: the wrappers are monkeypatched from here, before the job's code runs.
@@ -31,7 +31,8 @@ def _install(kind: str, n: int) -> None:
     finalize = cls.finalize
 
     async def killing_finalize(self, *args, **kwargs):
-      if due():
+      # Each item (state, data, ...) is finalized inside the step's temporary directory first; count the step.
+      if self._final_path.name.isdigit() and due():
         die()
       return await finalize(self, *args, **kwargs)
     cls.finalize = killing_finalize
