@@ -22,9 +22,10 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from vlsafe_jax import checkpoint as ckpt_lib
-from vlsafe_jax import sharding
+from vlsafe_jax import perf, sharding
 
 State = dict[str, Any]
 
@@ -298,8 +299,6 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
   step has no throughput fields. The step call runs under ``jax.transfer_guard("disallow")``: batches and keys are
   placed explicitly, so an implicit host<->device copy inside the loop is an error, not a silent slowdown.
   """
-  from tqdm.auto import tqdm
-  from vlsafe_jax import perf
   start = int(jax.device_get(state["step"]))
   log_every = max(int(train_cfg.log_every), 1)
   ckpt_every = max(int(train_cfg.checkpoint_every), 1)
