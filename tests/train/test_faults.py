@@ -134,23 +134,28 @@ def test_kill9_anywhere_resumes_to_the_uninterrupted_result(harness, reference, 
   assert (clip_ckpts / "corrupt-2").is_dir() and not (clip_ckpts / "corrupt-2").name.isdigit()
   assert not (workdir / "metrics.jsonl").read_text().endswith("\n")
 
-  # 3. kill -9 at seeded random moments over the uninterrupted run's duration.
+  # 3. kill -9 at seeded random moments over the uninterrupted run's duration. A restart redoes the import and the
+  #    tracing, so a kill early in a process makes no progress and a late one lets the job finish; when a job
+  #    finishes before its kill moment, it is checked and the remaining kills go to a fresh run of the same job.
   rng = np.random.default_rng(0)
-  kills, finished = 0, False
-  for moment in rng.uniform(0.0, ref_seconds, size=N_RANDOM_KILLS):
-    rc, out, _ = harness(workdir, 1, kill_after=float(moment))
+  kills, runs = 0, [workdir]
+  while kills < N_RANDOM_KILLS:
+    rc, out, _ = harness(runs[-1], 1, kill_after=float(rng.uniform(0.0, ref_seconds)))
     if rc == 0:
-      finished = True
-      break
+      _assert_same_result(ref_dir, runs[-1])
+      runs.append(tmp_path / f"killed{len(runs)}")
+      continue
     assert rc == -signal.SIGKILL, out
     kills += 1
-  # 4. The same command once more, to the end (or, if a run finished before its kill moment, a no-op rerun).
-  rc, out, _ = harness(workdir, 1)
+  # 4. The same command once more, to the end.
+  rc, out, _ = harness(runs[-1], 1)
   assert rc == 0, out
-  print(f"\n{kills} random kills + 2 injected ({'finished early' if finished else 'all before the end'}); "
-        f"reference run {ref_seconds:.1f} s")
-  assert kills + 2 >= 10, f"only {kills} random kills landed before the job finished"
+  _assert_same_result(ref_dir, runs[-1])
+  print(f"\n{kills} random kills + 2 injected over {len(runs)} run(s) of the job; reference run {ref_seconds:.1f} s")
 
+
+def _assert_same_result(ref_dir, workdir):
+  """Bit-identical final parameters (both stages), metrics.jsonl (timing fields aside) and summary.json."""
   _assert_tree_equal(_weights(ref_dir)["clip"], _weights(workdir)["clip"])
   _assert_tree_equal(_weights(ref_dir)["hysac"], _weights(workdir)["hysac"])
   assert _records(ref_dir) == _records(workdir)
@@ -175,8 +180,10 @@ def test_resume_on_8_then_4_then_1_devices(harness, reference, tmp_path):
     assert rc != 0 and "StopAfterSteps" in out, out
   assert "[clip] resumed from step 2/4" in out, out
   assert (workdir / "checkpoints/clip/done.json").exists()
-  _assert_tree_equal(_weights(ref_dir)["clip"], _weights(workdir, hysac=False)["clip"], rtol=DEVICE_RTOL,
-                     atol=DEVICE_ATOL)
+  ref_w, got_w = _weights(ref_dir)["clip"], _weights(workdir, hysac=False)["clip"]
+  worst = max(float(np.max(np.abs(ref_w[k] - got_w[k]) / (np.abs(ref_w[k]) + 1e-6))) for k in ref_w)
+  print(f"\n8 -> 4 -> 1 devices vs 1 device: largest relative weight difference {worst:.2e}")
+  _assert_tree_equal(ref_w, got_w, rtol=DEVICE_RTOL, atol=DEVICE_ATOL)
   ref, got = _records(ref_dir, "clip"), _records(workdir, "clip")
   assert [r["step"] for r in ref] == [r["step"] for r in got]
   for a, b in zip(ref, got):
