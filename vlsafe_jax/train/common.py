@@ -319,15 +319,15 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
       done = step + 1
       log_now = done % log_every == 0 or done == total_steps
       save_now = done % ckpt_every == 0 or done == total_steps
+      host = to_host(metrics) if log_now else None
       if train_cfg.nonfinite == "raise" and (log_now or save_now or check_every):
-        check = to_host({k: metrics[k] for k in ("finite", "loss", "grad_norm")})
+        check = host or to_host({k: metrics[k] for k in ("finite", "loss", "grad_norm")})
         if not check["finite"]:
           raise NonFiniteLossError(
               f"[{stage}] non-finite loss {check['loss']} (gradient norm {check['grad_norm']}) at step {done}; "
               f"stopping without saving. The last good checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is "
               f"intact. Lower the learning rate, or set train.nonfinite=skip to skip such steps.")
       if log_now:
-        host = to_host(metrics)
         rec = {"stage": stage, "step": done, "epoch": done / steps_per_epoch, **host}
         n, dt = clock.take()
         rec["timed_steps"] = n
