@@ -134,19 +134,24 @@ def test_kill9_anywhere_resumes_to_the_uninterrupted_result(harness, reference, 
   assert (clip_ckpts / "corrupt-2").is_dir() and not (clip_ckpts / "corrupt-2").name.isdigit()
   assert not (workdir / "metrics.jsonl").read_text().endswith("\n")
 
-  # 3. kill -9 at seeded random moments over the uninterrupted run's duration. A restart redoes the import and the
+  # 3. kill -9 at seeded random moments over an uninterrupted run's duration. A restart redoes the import and the
   #    tracing, so a kill early in a process makes no progress and a late one lets the job finish; when a job
   #    finishes before its kill moment, it is checked and the remaining kills go to a fresh run of the same job.
+  #    The duration is re-measured whenever a fresh run's first process finishes unkilled (the load of a shared
+  #    machine changes), so the moments keep landing inside a run.
   rng = np.random.default_rng(0)
-  kills, runs = 0, [workdir]
+  kills, runs, span, fresh = 0, [workdir], ref_seconds, False
   while kills < N_RANDOM_KILLS:
-    rc, out, _ = harness(runs[-1], 1, kill_after=float(rng.uniform(0.0, ref_seconds)))
+    rc, out, seconds = harness(runs[-1], 1, kill_after=float(rng.uniform(0.0, span)))
     if rc == 0:
       _assert_same_result(ref_dir, runs[-1])
+      if fresh:
+        span = seconds
       runs.append(tmp_path / f"killed{len(runs)}")
+      fresh = True
       continue
     assert rc == -signal.SIGKILL, out
-    kills += 1
+    kills, fresh = kills + 1, False
   # 4. The same command once more, to the end.
   rc, out, _ = harness(runs[-1], 1)
   assert rc == 0, out
