@@ -187,8 +187,9 @@ def test_resume_on_8_then_4_then_1_devices(harness, reference, tmp_path):
   assert "[clip] resumed from step 2/4" in out, out
   assert (workdir / "checkpoints/clip/done.json").exists()
   ref_w, got_w = _weights(ref_dir)["clip"], _weights(workdir, hysac=False)["clip"]
-  worst = max(float(np.max(np.abs(ref_w[k] - got_w[k]) / (np.abs(ref_w[k]) + 1e-6))) for k in ref_w)
-  print(f"\n8 -> 4 -> 1 devices vs 1 device: largest relative weight difference {worst:.2e}")
+  worst = max(float(np.max(np.abs(ref_w[k] - got_w[k]) / (DEVICE_ATOL + DEVICE_RTOL * np.abs(ref_w[k]))))
+              for k in ref_w)
+  print(f"\n8 -> 4 -> 1 devices vs 1 device: largest weight difference = {worst:.2f} x the tolerance")
   _assert_tree_equal(ref_w, got_w, rtol=DEVICE_RTOL, atol=DEVICE_ATOL)
   ref, got = _records(ref_dir, "clip"), _records(workdir, "clip")
   assert [r["step"] for r in ref] == [r["step"] for r in got]
