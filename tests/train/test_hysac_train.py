@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from _clip_configs import TINY  # noqa: E402
 
 # Timing fields differ between runs; everything else in metrics.jsonl must match exactly.
-TIMING = ("examples_per_s", "examples_per_s_per_device", "mfu")
+TIMING = ("examples_per_s", "examples_per_s_per_device", "mfu", "timed_steps")
 
 
 def _run(workdir, *overrides, config="hysac_synthetic:smoke"):

@@ -177,7 +177,7 @@ def test_sharded_accumulated_step_equals_single_device(tiny, monkeypatch):
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "tga_synthetic.py") + ":smoke"
 STEPS = 8                   # a power of 2: rho = k / STEPS is exact in float32, so it is compared with ==
-TIMING = ("examples_per_s", "examples_per_s_per_device", "mfu")
+TIMING = ("examples_per_s", "examples_per_s_per_device", "mfu", "timed_steps")
 
 
 def _smoke_cfg(base_dir, *extra):

@@ -24,10 +24,11 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from vlsafe_jax import checkpoint as ckpt_lib
-from vlsafe_jax import sharding
-from vlsafe_jax.data import sources
+from vlsafe_jax import perf, sharding
+from vlsafe_jax.data import pipeline, sources
 
 State = dict[str, Any]
 
@@ -90,11 +91,18 @@ class MetricsWriter:
     self.path = Path(path)
 
   def truncate(self, stage: str, step: int) -> None:
+    """Drops ``stage``'s records with ``step`` > ``step`` (0: all of them) and a torn last line (a process killed
+    mid-append). The file is replaced atomically, so a kill during the truncation loses nothing."""
     if not self.path.exists() or jax.process_index() != 0:
       return
-    keep = [l for l in self.path.read_text().splitlines()
-            if l.strip() and not (json.loads(l).get("stage") == stage and json.loads(l).get("step", -1) > step)]
-    self.path.write_text("".join(l + "\n" for l in keep))
+    text = self.path.read_text()
+    lines = [l for l in text.splitlines() if l.strip()]
+    if lines and not text.endswith("\n"):
+      lines.pop()       # written without its newline: the append was cut off (a complete record ends with one)
+    keep = [l for l in lines if not (json.loads(l).get("stage") == stage and json.loads(l).get("step", -1) > step)]
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, self.path)
 
   def write(self, record: Mapping[str, Any]) -> None:
     if jax.process_index() != 0:
@@ -323,15 +331,18 @@ def merged(setup: TrainSetup, params: Any = None) -> nnx.Module:
 
 def resume(ckpt: ckpt_lib.Checkpointer, state: State, loader, writer: MetricsWriter, stage: str,
            total_steps: int) -> State:
-  """Restores the latest checkpoint of ``stage`` into ``state``'s shapes/shardings and ``loader``'s position.
+  """Restores the newest good checkpoint of ``stage`` into ``state``'s shapes/shardings and ``loader``'s position.
 
-  ``metrics.jsonl`` is trimmed back to the restored step so a resumed run logs each step once. Returns ``state``
-  unchanged when there is no checkpoint yet.
+  A latest step that is truncated or corrupt is reported, moved aside and the previous one used
+  (:meth:`Checkpointer.restore_latest_good`; all bad raises, never a silent fresh start). ``metrics.jsonl`` is
+  trimmed back to the restored step so a resumed run logs each step once. Returns ``state`` unchanged when there
+  is no checkpoint yet.
   """
-  step = ckpt.latest_step()
-  if step is None:
+  found = ckpt.restore_latest_good(arrays={"state": state}, json=("data", "meta"))
+  if found is None:
+    writer.truncate(stage, 0)    # a run killed before its first checkpoint may have logged steps already
     return state
-  out = ckpt.restore(step, arrays={"state": state}, json=("data", "meta"))
+  step, out = found
   loader.set_state(out["data"])
   writer.truncate(stage, step)
   print(f"[{stage}] resumed from step {step}/{total_steps}")
@@ -346,6 +357,33 @@ def to_host(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
 
+class _Throughput:
+  """Examples/s over the steps of a record, Chrono-style: the first step of a process (trace + compile) is never
+  timed, and checkpoint saves and epoch hooks are paused out, so the number is the train step's own rate."""
+
+  def __init__(self):
+    self.t0: float | None = None     # None until the first (compiling) step of this process has finished
+    self.steps = 0                   # timed steps since the last record
+    self.paused = 0.0
+
+  def step_done(self, first: bool, out: Any) -> None:
+    if first:
+      jax.block_until_ready(out)     # the compile step ends here; timing starts after it
+      self.t0 = time.perf_counter()
+    else:
+      self.steps += 1
+
+  def pause(self, seconds: float) -> None:
+    self.paused += seconds
+
+  def take(self) -> tuple[int, float]:
+    """``(timed steps, seconds)`` since the last call (call after a device sync); resets the window."""
+    now = time.perf_counter()
+    out = (self.steps, now - self.t0 - self.paused)
+    self.t0, self.steps, self.paused = now, 0, 0.0
+    return out
+
+
 def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader, mesh: Mesh, rng: jax.Array,
              total_steps: int, ckpt: ckpt_lib.Checkpointer, writer: MetricsWriter, meta: Mapping[str, Any],
              train_cfg: ml_collections.ConfigDict, batch_size: int, flops_per_example: float | None = None,
@@ -355,61 +393,67 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
   """Steps ``state`` to ``total_steps`` with checkpoints every ``train_cfg.checkpoint_every`` steps and at the end.
 
   Non-finite losses or gradients: with ``nonfinite="raise"`` the loop raises :class:`NonFiniteLossError` *before*
-  saving, so the last good checkpoint stays the latest; with ``"skip"`` the step left the state unchanged and its
+  writing the record or saving, so the last good checkpoint stays the latest (checked at every log and checkpoint
+  step, and at every step with ``check_every_step``); with ``"skip"`` the step left the state unchanged and its
   record says ``skipped`` = 1 (with ``log_every`` > 1 a record describes its own step only).
   ``train_cfg.max_steps_this_run`` (0 = unlimited) stops the process after that many steps with
   :class:`StopAfterSteps` (after the checkpoint of that step, if one was due): a simulated kill.
   ``on_epoch_end(state, epoch) -> stop?`` runs after each epoch (validation, early stopping); ``on_log(record)``
   after each metrics record is written (console warnings).
+
+  Throughput (``examples_per_s``, ``examples_per_s_per_device``, ``mfu``) covers only the ``timed_steps`` of the
+  record: the first step of each process (compilation) and save / hook time are excluded; a record with no timed
+  step has no throughput fields. The step call runs under ``jax.transfer_guard("disallow")``: batches and keys are
+  placed explicitly, so an implicit host<->device copy inside the loop is an error, not a silent slowdown.
   """
-  from tqdm.auto import tqdm
   start = int(jax.device_get(state["step"]))
   log_every = max(int(train_cfg.log_every), 1)
   ckpt_every = max(int(train_cfg.checkpoint_every), 1)
   limit = int(train_cfg.get("max_steps_this_run", 0) or 0)
-  from vlsafe_jax import perf
+  check_every = train_cfg.nonfinite == "raise" and train_cfg.get("check_every_step", False)
   bar = tqdm(total=total_steps, initial=start, desc=f"train[{stage}]", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0 or not train_cfg.get("progress", True))
-  t_last, n_since, ran = time.perf_counter(), 0, 0
+  rng = jax.device_put(rng, NamedSharding(mesh, P()))   # explicit: the guarded step may not move it implicitly
+  clock, ran = _Throughput(), 0
   steps_per_epoch = loader.steps_per_epoch
   try:
     for step in range(start, total_steps):
       batch = sharding.shard_batch(next(loader), mesh)
-      state, metrics = step_fn(state, frozen, batch, rng)
-      n_since += 1
+      with jax.transfer_guard("disallow"):
+        state, metrics = step_fn(state, frozen, batch, rng)
+      clock.step_done(ran == 0, metrics)
       ran += 1
       done = step + 1
-      if done % log_every == 0 or done == total_steps:
-        host = to_host(metrics)
-        dt = time.perf_counter() - t_last
-        rec = {"stage": stage, "step": done, "epoch": done / steps_per_epoch, **host,
-               "examples_per_s": n_since * batch_size / dt,
-               "examples_per_s_per_device": n_since * batch_size / dt / jax.device_count()}
-        if flops_per_example:
-          m = perf.mfu(n_since * batch_size * flops_per_example / dt / jax.device_count())
-          if m is not None:
-            rec["mfu"] = m
-        if log_extra is not None:
-          rec.update(log_extra(state))
-        if not host["finite"] and train_cfg.nonfinite == "raise":
+      log_now = done % log_every == 0 or done == total_steps
+      save_now = done % ckpt_every == 0 or done == total_steps
+      host = to_host(metrics) if log_now else None
+      if train_cfg.nonfinite == "raise" and (log_now or save_now or check_every):
+        check = host or to_host({k: metrics[k] for k in ("finite", "loss", "grad_norm")})
+        if not check["finite"]:
           raise NonFiniteLossError(
-              f"[{stage}] non-finite loss {host['loss']} (gradient norm {host['grad_norm']}) at step {done}; "
+              f"[{stage}] non-finite loss {check['loss']} (gradient norm {check['grad_norm']}) at step {done}; "
               f"stopping without saving. The last good checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is "
               f"intact. Lower the learning rate, or set train.nonfinite=skip to skip such steps.")
+      if log_now:
+        rec = {"stage": stage, "step": done, "epoch": done / steps_per_epoch, **host}
+        n, dt = clock.take()
+        rec["timed_steps"] = n
+        if n:
+          rec["examples_per_s"] = n * batch_size / dt
+          rec["examples_per_s_per_device"] = n * batch_size / dt / jax.device_count()
+          if flops_per_example:
+            m = perf.mfu(n * batch_size * flops_per_example / dt / jax.device_count())
+            if m is not None:
+              rec["mfu"] = m
+        if log_extra is not None:
+          rec.update(log_extra(state))
         writer.write(rec)
         if on_log is not None:
           on_log(rec)
-        bar.set_postfix(loss=f"{host['loss']:.4f}", ex_s=f"{rec['examples_per_s']:.0f}")
-        t_last, n_since = time.perf_counter(), 0
-      elif train_cfg.nonfinite == "raise" and train_cfg.get("check_every_step", False):
-        if not bool(jax.device_get(metrics["finite"])):
-          raise NonFiniteLossError(f"[{stage}] non-finite loss or gradient at step {done}; last good checkpoint "
-                                   f"{ckpt.latest_step()} kept in {ckpt.directory}")
+        bar.set_postfix(loss=f"{host['loss']:.4f}", ex_s=f"{rec.get('examples_per_s', 0):.0f}")
       bar.update(1)
-      if done % ckpt_every == 0 or done == total_steps:
-        if train_cfg.nonfinite == "raise" and not bool(jax.device_get(metrics["finite"])):
-          raise NonFiniteLossError(f"[{stage}] non-finite loss or gradient at step {done}; not saving. Last good "
-                                   f"checkpoint {ckpt.latest_step()} kept in {ckpt.directory}")
+      t_pause = time.perf_counter()
+      if save_now:
         save(ckpt, done, state, loader, meta)
       if on_epoch_end is not None and done % steps_per_epoch == 0:
         if on_epoch_end(state, done // steps_per_epoch):
@@ -417,11 +461,13 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
             save(ckpt, done, state, loader, meta)
           writer.write({"stage": stage, "step": done, "event": "early_stop"})
           break
+      clock.pause(time.perf_counter() - t_pause)
       if limit and ran >= limit and done < total_steps:
         raise StopAfterSteps(f"[{stage}] stopped after {ran} steps (max_steps_this_run); re-run to resume")
   finally:
     bar.close()
   return state
+
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,7 +476,6 @@ def run_loop(*, stage: str, step_fn: Callable, state: State, frozen: Any, loader
 
 def make_train_loader(source, transform, global_batch: int, data: ml_collections.ConfigDict, seed: int):
   """The checkpointable grain loader over a training split (per-host slice of each global batch)."""
-  from vlsafe_jax.data import pipeline
   if len(source) < global_batch:
     raise ValueError(f"training split has {len(source)} items, fewer than one global batch ({global_batch})")
   return pipeline.make_loader(source, global_batch, seed=seed, shuffle=True, transform=transform,
