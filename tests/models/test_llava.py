@@ -273,7 +273,7 @@ def test_sharded_generation_equals_single_device_by_value(llama_pair):
   mesh = sharding.make_mesh(data=2, fsdp=4)
   sharded = LV.Llava.from_pretrained(_DIRS["llama"], mesh=mesh)
   kernel = sharded.language_model.model.layers.self_attn.q_proj.kernel.get_value()
-  assert kernel.sharding.spec[1] == "fsdp" and len(kernel.addressable_shards[0].data.shape) == 3
+  assert kernel.sharding.spec[1] == "fsdp"
   assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4          # really split
   rs = np.random.RandomState(17)
   # 8 prompts of different lengths (11 to 34 tokens), images in five of them.
