@@ -142,3 +142,47 @@ def test_errors(tmp_path):
     I.preprocess(np.zeros((8, 8, 2), np.uint8))
   with pytest.raises(ValueError, match="different shapes"):
     I.preprocess([np.zeros((8, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)], 8, do_center_crop=False)
+
+
+def _llava15_expand2square(pil_img, background_color):
+  """LLaVA-1.5's ``expand2square`` (image_aspect_ratio "pad"), restated from its definition: a new image of the
+  long side in ``background_color``, the original pasted centred at offset (long - short) // 2."""
+  width, height = pil_img.size
+  if width == height:
+    return pil_img
+  side = max(width, height)
+  result = Image.new(pil_img.mode, (side, side), background_color)
+  result.paste(pil_img, ((side - width) // 2, (side - height) // 2))
+  return result
+
+
+@pytest.mark.parametrize("shape", [(240, 410, 3), (500, 173, 3), (337, 338, 3), (97, 1001, 3)],
+                         ids=["landscape", "portrait", "odd_near_square", "extreme_odd"])
+def test_llava15_pad_and_336_equal_hf_processor(shape):
+  """The LLaVA-1.5 path (pad to square with the mean colour, then the 336-px CLIP processor) against the oracle:
+  LLaVA-1.5's own recipe (expand2square with ``tuple(int(x*255) for x in image_mean)``) followed by HF's PIL CLIP
+  processor built as in llava-v1.5's preprocessor_config.json (shortest edge 336, crop 336, bicubic, CLIP mean/std).
+  (``CLIPImageProcessor`` falls back to this PIL backend without torchvision; LLaVA-1.5 used the PIL processor.)
+  Tolerance: ATOL = 1e-5 absolute on the normalised values (float32 rounding; one uint8 step is ~0.015)."""
+  from transformers import CLIPImageProcessorPil
+  from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+  proc = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                               do_center_crop=True, do_resize=True, resample=Image.Resampling.BICUBIC,
+                               do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                               image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_convert_rgb=True)
+  # Smooth gradients plus noise: resampling differences show up, and the pad border is not image-coloured.
+  h, w, _ = shape
+  yy, xx = np.mgrid[0:h, 0:w]
+  rng = np.random.default_rng(h * w)
+  a = np.stack([255 * yy / h, 255 * xx / w, 127 + 100 * np.sin(xx / 7 + yy / 11)], -1) + rng.normal(0, 20, shape)
+  im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+  fill = tuple(int(x * 255) for x in proc.image_mean)
+  ref = proc(_llava15_expand2square(im, fill), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+  ours = I.preprocess(im, 336, pad_to_square=True)
+  assert ours.shape == ref.shape == (1, 336, 336, 3)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=ATOL)
+  # The pad really reaches the output (the top-left corner is mean-coloured border), so the fill is compared.
+  if abs(h - w) > 20:
+    border = ours[0, :2, :2]
+    want = (np.asarray(fill) / 255 - np.asarray(OPENAI_CLIP_MEAN)) / np.asarray(OPENAI_CLIP_STD)
+    np.testing.assert_allclose(border, np.broadcast_to(want, border.shape), atol=1e-5)

@@ -19,13 +19,15 @@ HF_KWARGS = {
 }
 
 
-def build_hf(name: str, directory):
-  """Builds the HF model (seeded, eager attention), saves it to ``directory``; returns the torch model."""
+def build_hf(name: str, directory, **overrides):
+  """Builds the HF model (seeded, eager attention), saves it to ``directory``; returns the torch model.
+
+  ``overrides``: config keywords replacing / adding to ``HF_KWARGS[name]`` (e.g. a RoPE scaling)."""
   import torch
   import transformers
   cls_cfg = transformers.LlamaConfig if name == "llama" else transformers.MistralConfig
   cls_model = transformers.LlamaForCausalLM if name == "llama" else transformers.MistralForCausalLM
-  cfg = cls_cfg(**HF_KWARGS[name])
+  cfg = cls_cfg(**{**HF_KWARGS[name], **overrides})
   cfg._attn_implementation = "eager"
   torch.manual_seed(1234 if name == "llama" else 4321)
   model = cls_model(cfg).eval()

@@ -317,3 +317,35 @@ def test_remat_gives_identical_gradients():
     x, y = np.asarray(x), np.asarray(y)
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * np.abs(y).max())
   assert float(jnp.abs(a["model"]["layers"]["mlp"]["up_proj"]["kernel"].get_value()).max()) > 0
+
+
+# llama3 RoPE with a tiny original context (16) so that a 40-token sequence runs well past it. head_dim 10, theta
+# 1e4: wavelengths 2*pi/inv_freq ~ 6.3, 40, 251, 1580, 9952 against the band edges 16/4 = 4 (high) and 16/1 = 16
+# (low): frequency 0 falls in the blend band, frequencies 1-4 are divided by the factor 8, none is kept as is.
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16, rope_theta=10000.0)
+
+
+def test_llama3_scaled_rope_full_forward_matches_hf(tmp_path):
+  """Logits of a llama3-RoPE model (converted from the saved HF checkpoint) equal HF's, RTOL = ATOL = 1e-5.
+
+  Seen to fail: the same weights loaded with the rope scaling removed from config.json differ from HF by ~3e-3
+  (about 300x the tolerance; the tiny random model's logits are O(0.1)), checked at the end of the test."""
+  hf = build_hf("llama", tmp_path, rope_parameters=dict(LLAMA3_ROPE), max_position_embeddings=128)
+  model = L.Llama.from_pretrained(tmp_path)
+  assert (model.config.rope_type, model.config.rope_factor) == ("llama3", 8.0)
+  np.testing.assert_allclose(L.rope_inv_freq(model.config), hf.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+  ids, mask = padded_batch([40, 29], 40, seed=23)
+  ref = _hf_forward(hf, ids, mask).logits.numpy()
+  logits, _, _ = model(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[valid], ref[valid], rtol=RTOL, atol=ATOL)
+  # The oracle would catch an unscaled RoPE: drop the scaling from the checkpoint and the logits move far away.
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  cfg.pop("rope_scaling", None)
+  cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": LLAMA3_ROPE["rope_theta"]}
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  plain = L.Llama.from_pretrained(tmp_path)
+  assert plain.config.rope_type == "default"
+  unscaled, _, _ = plain(jnp.asarray(ids), attention_mask_bt=jnp.asarray(mask))
+  assert np.abs(np.asarray(unscaled)[valid] - ref[valid]).max() > 100 * ATOL

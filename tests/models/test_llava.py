@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from _llava_hf import IMAGE_SIZE, IMAGE_TOKEN, N_IMG, PAD, VOCAB, build_hf, hf_positions, nchw, pad_rows, prompt
+from vlsafe_jax import sharding
 from vlsafe_jax.models import decoding
 from vlsafe_jax.models import llava as LV
 from vlsafe_jax.models.hooks import Hooks
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.torch
 
 
 _BUILT = {}
+_DIRS = {}                      # name -> the saved HF checkpoint directory (for loads onto a mesh)
 
 
 def _get(name, tmp_path_factory):
@@ -27,6 +29,7 @@ def _get(name, tmp_path_factory):
   if name not in _BUILT:
     d = tmp_path_factory.mktemp(f"llava_{name}")
     hf = build_hf(name, d, seed=1 if name == "llama" else 2)
+    _DIRS[name] = d
     _BUILT[name] = (name, hf, LV.Llava.from_pretrained(d))
   return _BUILT[name]
 
@@ -255,3 +258,38 @@ def test_steered_generation_new_tokens_only_matches_hf_hooks(llama_pair):
   np.testing.assert_array_equal(np.asarray(out.tokens), ref[:, ids.shape[1]:].numpy())
   plain = LV.generate(model, ids, pixels, mask, max_new_tokens=20, eos_token_id=())
   assert not np.array_equal(np.asarray(plain.tokens), np.asarray(out.tokens))   # the steering mattered
+
+
+@pytest.mark.multidevice
+def test_sharded_generation_equals_single_device_by_value(llama_pair):
+  """Greedy LLaVA generation on the 8-device mesh (data=2 x fsdp=4) gives the single-device tokens.
+
+  The library's sharded path: ``Llava.from_pretrained(mesh=...)`` places every weight by the logical table (model
+  width split over fsdp), and ``generate`` under ``jax.set_mesh`` constrains the activations and the KV cache to
+  the batch axes (8 prompts over data x fsdp = 8 shards). Tokens must be identical; the first step's logits agree
+  within rtol = atol = 1e-5 (float32, highest precision; sharded reductions only reorder sums, observed ~1e-7).
+  """
+  _, _, model = llama_pair
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  sharded = LV.Llava.from_pretrained(_DIRS["llama"], mesh=mesh)
+  kernel = sharded.language_model.model.layers.self_attn.q_proj.kernel.get_value()
+  assert kernel.sharding.spec[1] == "fsdp"
+  assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4          # really split
+  rs = np.random.RandomState(17)
+  # 8 prompts of different lengths (11 to 34 tokens), images in five of them.
+  shapes = [(4, 5, True), (7, 3, False), (2, 2, True), (11, 12, False), (1, 1, True), (5, 0, True), (20, 13, False),
+            (3, 7, True)]
+  rows = [prompt(rs, a, b, img) for a, b, img in shapes]
+  assert len({len(r) for r in rows}) == len(rows)
+  pixels = rs.randn(sum(img for *_, img in shapes), IMAGE_SIZE, IMAGE_SIZE, 3).astype(np.float32)
+  n_new = 8
+  want = LV.generate(model, rows, pixels, max_new_tokens=n_new, eos_token_id=())
+  with jax.set_mesh(mesh):
+    got = LV.generate(sharded, rows, pixels, max_new_tokens=n_new, eos_token_id=())
+  # The decode ran batch-sharded: each device holds one of the 8 rows of the outputs.
+  assert got.first_logits.addressable_shards[0].data.shape[0] == 1
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.lengths), [n_new] * len(rows))
+  np.testing.assert_allclose(np.asarray(got.first_logits), np.asarray(want.first_logits), rtol=RTOL, atol=ATOL)
+  # Different prompts give different continuations (the comparison is not between constant outputs).
+  assert len({tuple(t) for t in np.asarray(want.tokens)}) > 1
