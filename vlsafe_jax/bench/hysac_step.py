@@ -61,12 +61,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert import clip as convert
 from vlsafe_jax import perf
 from vlsafe_jax import sharding
+from vlsafe_jax.bench import clip as clip_bench
+from vlsafe_jax.bench.lorentz import torch_loss_fn
 from vlsafe_jax.methods.hysac import losses as H
 from vlsafe_jax.methods.hysac import scalars as scalars_lib
 from vlsafe_jax.models import lora as lora_lib
-from vlsafe_jax.models.clip import CLIP
+from vlsafe_jax.models.clip import CLIP, CLIPConfig
 from vlsafe_jax.train import common
 from vlsafe_jax.train import hysac_trainer
 
@@ -112,8 +115,7 @@ def hysac_config(lora_rank: int = 16, dropout: float = 0.1) -> ml_collections.Co
 
 def write_hf_clip(spec: dict[str, Any], directory: str, seed: int = 0):
   """Random-weight HF ``CLIPModel`` of the preset's shapes saved to ``directory`` (read by both sides)."""
-  from vlsafe_jax.bench.clip import write_hf
-  return write_hf(spec, directory, seed)
+  return clip_bench.write_hf(spec, directory, seed)
 
 
 def synthetic_batch(spec: dict[str, Any], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -198,8 +200,6 @@ def build_torch(hf_dir: str, spec: dict[str, Any], lora: dict[str, np.ndarray], 
   import transformers
   from peft import LoraConfig, get_peft_model
   from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
-  from vlsafe_jax.bench.lorentz import torch_loss_fn
 
   transformers.logging.set_verbosity_error()  # the towers ignore the other tower's keys of a CLIPModel file
   cfg = LoraConfig(r=spec.get("lora_rank", 16), lora_alpha=1, lora_dropout=dropout, bias="none",
@@ -598,7 +598,6 @@ def main(argv: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 def _clip_config(spec):
-  from vlsafe_jax.models.clip import CLIPConfig
   p = spec["projection_dim"]
   return CLIPConfig.from_hf({"projection_dim": p, "text_config": {**spec["text"], "projection_dim": p},
                              "vision_config": {**spec["vision"], "projection_dim": p}})
@@ -606,7 +605,6 @@ def _clip_config(spec):
 
 def _write_hf_clip_without_torch(spec, directory):
   """``--no-torch``: a random CLIP of the preset's shapes in HF layout through our exporter."""
-  from checkpoints_convert import clip as convert
   convert.export_hf(CLIP(_clip_config(spec), rngs=nnx.Rngs(0)), directory)
 
 

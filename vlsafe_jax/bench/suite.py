@@ -42,6 +42,8 @@ import gc
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -57,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert import clip as convert
 from vlsafe_jax import perf
 from vlsafe_jax.bench import clip as clip_bench
 from vlsafe_jax.bench import cmrm as cmrm_bench
@@ -448,12 +451,10 @@ def _time_sides(ctx: Ctx, fns: dict[str, Callable[[], Any]], windows: int, steps
 # ------------------------------------------------------------------------------------------------------------
 
 def run_clip(ctx: Ctx, rows: list[Row]) -> list[dict]:
-  import tempfile
   c = ctx.P["clip"]
   with tempfile.TemporaryDirectory() as d:
     hf = clip_bench.write_hf(c["spec"], d) if ctx.with_torch else None
     if hf is None:
-      from checkpoints_convert import clip as convert
       convert.export_hf(C.CLIP(_clip_config(c["spec"]), rngs=nnx.Rngs(0)), d)
     ours = clip_bench.load_jax(d, c["dtype"])
   cfg = ours.config
@@ -880,5 +881,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  import sys
   main(sys.argv[1:])

@@ -32,6 +32,9 @@ import numpy as np
 from flax import nnx
 
 from vlsafe_jax import perf
+from vlsafe_jax.methods.uwm import calibrate as cal
+from vlsafe_jax.methods.uwm import edit
+from vlsafe_jax.models.clip import CLIP
 
 PRESETS = {
     "small": dict(vision=dict(image_size=64, patch_size=16, hidden_size=128, intermediate_size=512,
@@ -117,9 +120,6 @@ def run(vision: dict, pairs: int, batch: int, torch_device: str = "cpu", *, hf=N
   ``hf`` / ``hf_dir``: an HF ``CLIPModel`` (or its directory) whose vision tower has ``vision``'s shapes, to reuse;
   default: built here with a tiny text tower.
   """
-  from vlsafe_jax.methods.uwm import calibrate as cal
-  from vlsafe_jax.methods.uwm import edit
-  from vlsafe_jax.models.clip import CLIP
   rng = np.random.RandomState(0)
   px_s = rng.randn(pairs, vision["image_size"], vision["image_size"], 3).astype(np.float32)
   px_u = (px_s + 0.5 * rng.randn(*px_s.shape)).astype(np.float32)
