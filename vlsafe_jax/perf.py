@@ -179,7 +179,7 @@ def environment() -> dict[str, Any]:
       "host_cpus": __import__("os").cpu_count(),
   }
   try:
-    import torch
+    import torch  # lazy: heavy dependency torch
     env["torch"] = torch.__version__
     env["torch_threads"] = torch.get_num_threads()
     if torch.cuda.is_available():

@@ -93,7 +93,7 @@ def setup(model, batch: int, seed: int = 2):
 
 def add_hooks(hf, vec):
   """Forward hooks adding ``vec[l]`` to decoder layer l's output (the HF way to steer); returns the handles."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   v_t = torch.tensor(vec).to(device=next(hf.parameters()).device, dtype=next(hf.parameters()).dtype)
 
   def hook(l):
@@ -107,7 +107,7 @@ def add_hooks(hf, vec):
 
 def torch_generate_fn(hf, arr, pixels, n_new: int, device: str, static_compile: bool = False):
   """HF greedy generate of ``n_new`` tokens (``static_compile``: static cache; compile the LM outside)."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   ids_t = torch.tensor(arr["input_ids"].astype(np.int64), device=device)
   mask_t = torch.tensor(arr["attention_mask"].astype(np.int64), device=device)
   pix_t = torch.tensor(pixels.transpose(0, 3, 1, 2).copy()).to(device=device, dtype=next(hf.parameters()).dtype)
@@ -153,7 +153,7 @@ def measure(model, hf, *, batch: int, new_tokens: int, windows: int, steps: int,
   out = {"jax": jax_t, "overhead_pct": perf.paired_overhead(jax_t["off"], jax_t["dataset"]),
          "prompt_len": int(arr["input_ids"].shape[1])}
   if hf is not None:
-    import torch
+    import torch  # lazy: heavy dependency torch
     lm = hf.model.language_model
     if torch_static_compile:
       lm.forward = torch.compile(lm.forward, mode="reduce-overhead", fullgraph=False)

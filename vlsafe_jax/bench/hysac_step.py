@@ -183,7 +183,7 @@ def jax_trainables(setup: common.TrainSetup) -> tuple[dict[str, np.ndarray], dic
 
 def _torch_lift(f, log_alpha, c, eps: float = 1e-8, cap: float = math.asinh(2.0 ** 15)):
   """``exp0_c(exp(log_alpha) f)`` in torch, float32: the same clamps as ``geometry.lorentz.exp_map0``."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   v = torch.exp(log_alpha) * f.float()
   s = torch.sqrt(c) * torch.linalg.vector_norm(v, dim=-1, keepdim=True)
   return torch.sinh(torch.clamp(s, eps, cap)) / torch.clamp(s, min=eps) * v
@@ -196,7 +196,7 @@ def build_torch(hf_dir: str, spec: dict[str, Any], lora: dict[str, np.ndarray], 
   ``module(batch) -> (total, [7 terms])`` for a dict of torch tensors (NCHW images); ``module.scalar_params``
   and ``module.lora_params`` are the two AdamW groups; ``module.clamp_()`` applies the per-step scalar clamps.
   """
-  import torch
+  import torch  # lazy: heavy dependency torch, transformers (imports torch), peft (imports torch)
   import transformers
   from peft import LoraConfig, get_peft_model
   from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
@@ -254,7 +254,7 @@ def build_torch(hf_dir: str, spec: dict[str, Any], lora: dict[str, np.ndarray], 
 
 def torch_optimizer(module, device: str):
   """AdamW like the trainer: betas (0.9, 0.98), eps 1e-8, wd 0.2 on LoRA and 0 on the scalars, lr 1e-4."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   o = hysac_config().optim
   kw = dict(lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
   if device.startswith("cuda"):
@@ -264,7 +264,7 @@ def torch_optimizer(module, device: str):
 
 
 def torch_batch(batch: dict[str, np.ndarray], device: str) -> dict[str, Any]:
-  import torch
+  import torch  # lazy: heavy dependency torch
   out = {}
   for k, v in batch.items():
     t = torch.from_numpy(v.transpose(0, 3, 1, 2).copy() if v.ndim == 4 else v.astype(np.int64))
@@ -274,7 +274,7 @@ def torch_batch(batch: dict[str, np.ndarray], device: str) -> dict[str, Any]:
 
 def make_torch_step(module, opt, tb, *, device: str, bf16: bool, loss_fn=None):
   """``step() -> (total, terms)``: clamp, forward (autocast when ``bf16``), backward, AdamW."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   fwd = module if loss_fn is None else loss_fn
 
   def step():
@@ -289,7 +289,7 @@ def make_torch_step(module, opt, tb, *, device: str, bf16: bool, loss_fn=None):
 
 
 def _grad_norm(module) -> float:
-  import torch
+  import torch  # lazy: heavy dependency torch
   gs = [p.grad.float().pow(2).sum() for p in module.parameters() if p.grad is not None]
   return float(torch.sqrt(sum(gs)))
 
@@ -319,7 +319,7 @@ def parity_check(spec: dict[str, Any], *, batch: int, hf_dir: str | None = None,
   Returns ``{"ok", "errors", "jax", "torch"}`` (values keyed ``loss@1``, ``<term>@1``, ``grad_norm@1``,
   ``loss@2``, ``<term>@2``).
   """
-  import torch
+  import torch  # lazy: heavy dependency torch
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   with tempfile.TemporaryDirectory() as tmp:
     if hf_dir is None:
@@ -447,7 +447,7 @@ def run(spec: dict[str, Any], *, batch_per_device: int, dtype_name: str, windows
   torch = None
   tdevice = "cpu"
   if with_torch:
-    import torch
+    import torch  # lazy: heavy dependency torch
     tdevice = "cuda" if torch.cuda.is_available() else "cpu"
   flops_4n = hysac_trainer.step_flops(_clip_config(spec), spec["seq_len"])   # per quadruplet
   flops_6n = 1.5 * flops_4n                                                    # + weight-gradient GEMMs
@@ -535,7 +535,7 @@ def main(argv: list[str]) -> None:
   tc = spec["torch_compile"] if args.torch_compile is None else args.torch_compile
   with_torch = not args.no_torch
   if with_torch and args.torch_threads:
-    import torch
+    import torch  # lazy: heavy dependency torch
     torch.set_num_threads(args.torch_threads)
   env = perf.environment()
   env["xla_flags"] = os.environ.get("XLA_FLAGS", "")

@@ -418,17 +418,17 @@ class Ctx:
   def free(self):
     gc.collect()
     if self.with_torch and self.device.startswith("cuda"):
-      import torch
+      import torch  # lazy: heavy dependency torch
       torch.cuda.empty_cache()
 
   def reset_torch_peak(self):
     if self.with_torch and self.device.startswith("cuda"):
-      import torch
+      import torch  # lazy: heavy dependency torch
       torch.cuda.reset_peak_memory_stats()
 
   def torch_peak(self) -> int | None:
     if self.with_torch and self.device.startswith("cuda"):
-      import torch
+      import torch  # lazy: heavy dependency torch
       return int(torch.cuda.max_memory_allocated())
     return None
 
@@ -472,7 +472,7 @@ def run_clip(ctx: Ctx, rows: list[Row]) -> list[dict]:
     fns = {"jax": (lambda x=x: jfns[tower](x))}
     t_out = None
     if tfns is not None:
-      import torch
+      import torch  # lazy: heavy dependency torch
       tx = to_torch()
       fns["torch"] = (lambda tx=tx: tfns[tower](tx))
       if tower not in parity:
@@ -593,7 +593,7 @@ def run_llava(ctx: Ctx, rows: list[Row]) -> list[dict]:
   compile_ = ctx.compile_for("llava")
   parity = None
   if ctx.with_torch:
-    import torch
+    import torch  # lazy: heavy dependency torch
     pm, phf, pcfg = _llava_parity_pair(ctx)
     ids, mask, pixels = llava_bench.prompts(pcfg, 2, lv["text_len"], np.random.RandomState(5))
     pre, _, _ = llava_bench.jax_prefill(pm, ids.shape[1] + 1)
@@ -868,7 +868,7 @@ def main(argv: list[str]) -> None:
           json.dumps({"preset": args.preset, "rows": [r.plan_record() for r in rows]}, indent=1))
     return
   if args.torch_threads and not args.no_torch:
-    import torch
+    import torch  # lazy: heavy dependency torch
     torch.set_num_threads(args.torch_threads)
   result = run(args.preset, out_dir=args.out, torch_compile=args.torch_compile, with_torch=not args.no_torch,
                rows=patterns, budget_s=args.budget_s)

@@ -205,7 +205,7 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> Path:
   out.mkdir(parents=True, exist_ok=True)
   (out / "analysis.json").write_text(json.dumps(result, indent=2))
   (out / "analysis.txt").write_text(format_table(result) + "\n")
-  import matplotlib  # lazy: matplotlib is a heavy optional plotting dependency
+  import matplotlib  # lazy: matplotlib is heavy (plots only)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   layers = result["layers"]
