@@ -71,7 +71,7 @@ def torch_load(path: str | os.PathLike):
   cannot be mapped). Raises :class:`CheckpointFormatError` naming the file for anything unreadable: not a torch
   file, truncated, or a pickle of arbitrary objects, which ``weights_only`` refuses to execute."""
   try:
-    import torch
+    import torch  # lazy: heavy dependency torch
   except ImportError as e:
     raise CheckpointFormatError(
         f"{path}: reading a PyTorch pickle needs torch (pip install torch==2.13.0); convert the checkpoint to "
@@ -91,7 +91,7 @@ class TorchBin:
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
     sd = torch_load(self.path)       # raises the named error when torch is missing
-    import torch
+    import torch  # lazy: heavy dependency torch
     if not isinstance(sd, Mapping):
       raise CheckpointFormatError(f"{path}: expected a state dict (tensor name -> tensor), got {type(sd).__name__}")
     bad = [f"{k!r} ({type(v).__name__})" for k, v in sd.items() if not isinstance(v, torch.Tensor)]
@@ -108,7 +108,7 @@ class TorchBin:
 
 
 def _torch_np_dtype(dt) -> np.dtype:
-  import torch
+  import torch  # lazy: heavy dependency torch
   if dt == torch.bfloat16:
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(torch.empty((), dtype=dt).numpy().dtype)
@@ -116,7 +116,7 @@ def _torch_np_dtype(dt) -> np.dtype:
 
 def torch_to_numpy(t) -> np.ndarray:
   """A CPU torch tensor as numpy, bf16 kept (reinterpreted through int16, which numpy understands)."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   t = t.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()

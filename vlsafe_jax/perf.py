@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 
@@ -168,7 +169,6 @@ def torch_sync(device: str) -> Callable[[Any], Any]:
 
 def environment() -> dict[str, Any]:
   """Versions and device, recorded with every benchmark number."""
-  import flax
   env = {
       "device_kind": jax.devices()[0].device_kind,
       "platform": jax.devices()[0].platform,
@@ -179,7 +179,7 @@ def environment() -> dict[str, Any]:
       "host_cpus": __import__("os").cpu_count(),
   }
   try:
-    import torch
+    import torch  # lazy: heavy dependency torch
     env["torch"] = torch.__version__
     env["torch_threads"] = torch.get_num_threads()
     if torch.cuda.is_available():

@@ -68,7 +68,7 @@ def _parse(argv):
 
 def write_hf(spec: dict, directory: str, seed: int = 0):
   """Random-weight HF ``CLIPModel`` of ``spec``'s shapes saved to ``directory``; returns it (eval mode, float32)."""
-  import torch
+  import torch  # lazy: heavy dependency torch, transformers (imports torch)
   from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
   p = spec["projection_dim"]
   hcfg = CLIPConfig(text_config=CLIPTextConfig(projection_dim=p, **spec["text"]).to_dict(),
@@ -102,7 +102,7 @@ def jax_encoders(ours: C.CLIP):
 
 def torch_encoders(hf, device: str, dtype_name: str, compile_: bool):
   """HF feature functions on ``device`` in ``dtype_name`` (weights cast, SDPA); ``compile_`` = torch.compile."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   tdtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
   hf = hf.to(device=device, dtype=tdtype)
   hf.config._attn_implementation = "sdpa"
@@ -123,7 +123,7 @@ def make_input(cfg: C.CLIPConfig, tower: str, b: int, rng: np.random.RandomState
     x = jnp.asarray(x_np, jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32)
 
     def to_torch():
-      import torch
+      import torch  # lazy: heavy dependency torch
       return torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(
           device=device, dtype=torch.bfloat16 if dtype_name == "bfloat16" else torch.float32)
     return x, to_torch
@@ -132,7 +132,7 @@ def make_input(cfg: C.CLIPConfig, tower: str, b: int, rng: np.random.RandomState
   x_np[:, -1] = tc.vocab_size - 1
 
   def to_torch_ids():
-    import torch
+    import torch  # lazy: heavy dependency torch
     return torch.from_numpy(x_np).to(device)
   return jnp.asarray(x_np), to_torch_ids
 
@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
   device = "cpu"
   torch_fns = {}
   if baselines:
-    import torch
+    import torch  # lazy: heavy dependency torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in baselines:
       torch_fns[name] = torch_encoders(hf, device, args.dtype, name == "compile")
@@ -181,7 +181,7 @@ def main(argv: list[str]) -> None:
       x, to_torch = make_input(cfg, tower, b, rng, args.dtype, device)
       fns = {"jax": (lambda x=x: jfns[tower](x))}
       if torch_fns:
-        import torch
+        import torch  # lazy: heavy dependency torch
         tx = to_torch()
         for name, tf in torch_fns.items():
           fns[label[name]] = (lambda tf=tf: tf[tower](tx))

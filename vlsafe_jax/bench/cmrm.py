@@ -17,11 +17,17 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from vlsafe_jax import perf
+from vlsafe_jax.bench.llava import last_logits_kl
+from vlsafe_jax.data.vlm_prompts import SEG_IMAGE, SEG_OTHER, SEG_QUESTION, Prompt, collate
+from vlsafe_jax.methods.cmrm import shift, steer
+from vlsafe_jax.models import llava as LV
 
 
 def _prompts(n, n_img, image_token, seed=0):
-  from vlsafe_jax.data.vlm_prompts import SEG_IMAGE, SEG_OTHER, SEG_QUESTION, Prompt
   rs = np.random.RandomState(seed)
   out = []
   for _ in range(n):
@@ -49,10 +55,8 @@ PRESETS = {
 
 def build(spec: dict):
   """``(hf, jax Llava)`` with identical random weights (HF model saved and loaded through the converter)."""
-  import jax.numpy as jnp
-  import torch
+  import torch  # lazy: torch and transformers are the optional HF baseline
   import transformers
-  from vlsafe_jax.models import llava as LV
   cfg = transformers.LlavaConfig(
       vision_config=transformers.CLIPVisionConfig(**spec["vision"]),
       text_config=transformers.LlamaConfig(**spec["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2),
@@ -75,8 +79,6 @@ class _Batch:
 
 def setup(model, batch: int, seed: int = 2):
   """Prompts, pixels and steering cases for one batch: ``(arr, pixels, batch_obj, steerers, vec)``."""
-  from vlsafe_jax.data.vlm_prompts import collate
-  from vlsafe_jax.methods.cmrm import steer
   c = model.config
   n_img, size = c.num_image_tokens, c.vision_config.image_size
   L, D = c.text_config.num_hidden_layers, c.text_config.hidden_size
@@ -91,7 +93,7 @@ def setup(model, batch: int, seed: int = 2):
 
 def add_hooks(hf, vec):
   """Forward hooks adding ``vec[l]`` to decoder layer l's output (the HF way to steer); returns the handles."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   v_t = torch.tensor(vec).to(device=next(hf.parameters()).device, dtype=next(hf.parameters()).dtype)
 
   def hook(l):
@@ -105,7 +107,7 @@ def add_hooks(hf, vec):
 
 def torch_generate_fn(hf, arr, pixels, n_new: int, device: str, static_compile: bool = False):
   """HF greedy generate of ``n_new`` tokens (``static_compile``: static cache; compile the LM outside)."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   ids_t = torch.tensor(arr["input_ids"].astype(np.int64), device=device)
   mask_t = torch.tensor(arr["attention_mask"].astype(np.int64), device=device)
   pix_t = torch.tensor(pixels.transpose(0, 3, 1, 2).copy()).to(device=device, dtype=next(hf.parameters()).dtype)
@@ -120,8 +122,6 @@ def torch_generate_fn(hf, arr, pixels, n_new: int, device: str, static_compile: 
 
 def steering_parity(model, hf, batch: int = 2, device: str = "cpu") -> dict:
   """Dataset-level steering, JAX vs HF + hooks: KL of the first generated token's distribution (same weights)."""
-  from vlsafe_jax.bench.llava import last_logits_kl
-  from vlsafe_jax.models import llava as LV
   arr, pixels, b_obj, steerers, vec = setup(model, batch)
   j = LV.generate(model, arr["input_ids"], pixels, arr["attention_mask"], max_new_tokens=1, eos_token_id=(),
                   **steerers["dataset"](b_obj)).first_logits
@@ -140,8 +140,6 @@ def measure(model, hf, *, batch: int, new_tokens: int, windows: int, steps: int,
             torch_static_compile: bool = False, torch_windows: int | None = None) -> dict:
   """JAX off / dataset / sample in interleaved windows (+ torch off / hooks when ``hf``); returns Timings and the
   paired dataset-level overhead in percent."""
-  from vlsafe_jax import perf
-  from vlsafe_jax.models import llava as LV
   arr, pixels, b_obj, steerers, vec = setup(model, batch)
 
   def gen(**kw):
@@ -155,7 +153,7 @@ def measure(model, hf, *, batch: int, new_tokens: int, windows: int, steps: int,
   out = {"jax": jax_t, "overhead_pct": perf.paired_overhead(jax_t["off"], jax_t["dataset"]),
          "prompt_len": int(arr["input_ids"].shape[1])}
   if hf is not None:
-    import torch
+    import torch  # lazy: heavy dependency torch
     lm = hf.model.language_model
     if torch_static_compile:
       lm.forward = torch.compile(lm.forward, mode="reduce-overhead", fullgraph=False)
@@ -190,8 +188,6 @@ def main(argv=None):
   ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
                   help="also time HF static cache + torch.compile with and without the hooks (default on)")
   args = ap.parse_args(argv)
-  from vlsafe_jax import perf
-  from vlsafe_jax.methods.cmrm import shift
 
   spec = PRESETS[args.preset]
   hf, model = build(spec)

@@ -61,12 +61,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert import clip as convert
 from vlsafe_jax import perf
 from vlsafe_jax import sharding
+from vlsafe_jax.bench import clip as clip_bench
+from vlsafe_jax.bench.lorentz import torch_loss_fn
 from vlsafe_jax.methods.hysac import losses as H
 from vlsafe_jax.methods.hysac import scalars as scalars_lib
 from vlsafe_jax.models import lora as lora_lib
-from vlsafe_jax.models.clip import CLIP
+from vlsafe_jax.models.clip import CLIP, CLIPConfig
 from vlsafe_jax.train import common
 from vlsafe_jax.train import hysac_trainer
 
@@ -112,8 +115,7 @@ def hysac_config(lora_rank: int = 16, dropout: float = 0.1) -> ml_collections.Co
 
 def write_hf_clip(spec: dict[str, Any], directory: str, seed: int = 0):
   """Random-weight HF ``CLIPModel`` of the preset's shapes saved to ``directory`` (read by both sides)."""
-  from vlsafe_jax.bench.clip import write_hf
-  return write_hf(spec, directory, seed)
+  return clip_bench.write_hf(spec, directory, seed)
 
 
 def synthetic_batch(spec: dict[str, Any], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -181,7 +183,7 @@ def jax_trainables(setup: common.TrainSetup) -> tuple[dict[str, np.ndarray], dic
 
 def _torch_lift(f, log_alpha, c, eps: float = 1e-8, cap: float = math.asinh(2.0 ** 15)):
   """``exp0_c(exp(log_alpha) f)`` in torch, float32: the same clamps as ``geometry.lorentz.exp_map0``."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   v = torch.exp(log_alpha) * f.float()
   s = torch.sqrt(c) * torch.linalg.vector_norm(v, dim=-1, keepdim=True)
   return torch.sinh(torch.clamp(s, eps, cap)) / torch.clamp(s, min=eps) * v
@@ -194,12 +196,10 @@ def build_torch(hf_dir: str, spec: dict[str, Any], lora: dict[str, np.ndarray], 
   ``module(batch) -> (total, [7 terms])`` for a dict of torch tensors (NCHW images); ``module.scalar_params``
   and ``module.lora_params`` are the two AdamW groups; ``module.clamp_()`` applies the per-step scalar clamps.
   """
-  import torch
+  import torch  # lazy: heavy dependency torch, transformers (imports torch), peft (imports torch)
   import transformers
   from peft import LoraConfig, get_peft_model
   from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
-  from vlsafe_jax.bench.lorentz import torch_loss_fn
 
   transformers.logging.set_verbosity_error()  # the towers ignore the other tower's keys of a CLIPModel file
   cfg = LoraConfig(r=spec.get("lora_rank", 16), lora_alpha=1, lora_dropout=dropout, bias="none",
@@ -254,7 +254,7 @@ def build_torch(hf_dir: str, spec: dict[str, Any], lora: dict[str, np.ndarray], 
 
 def torch_optimizer(module, device: str):
   """AdamW like the trainer: betas (0.9, 0.98), eps 1e-8, wd 0.2 on LoRA and 0 on the scalars, lr 1e-4."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   o = hysac_config().optim
   kw = dict(lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
   if device.startswith("cuda"):
@@ -264,7 +264,7 @@ def torch_optimizer(module, device: str):
 
 
 def torch_batch(batch: dict[str, np.ndarray], device: str) -> dict[str, Any]:
-  import torch
+  import torch  # lazy: heavy dependency torch
   out = {}
   for k, v in batch.items():
     t = torch.from_numpy(v.transpose(0, 3, 1, 2).copy() if v.ndim == 4 else v.astype(np.int64))
@@ -274,7 +274,7 @@ def torch_batch(batch: dict[str, np.ndarray], device: str) -> dict[str, Any]:
 
 def make_torch_step(module, opt, tb, *, device: str, bf16: bool, loss_fn=None):
   """``step() -> (total, terms)``: clamp, forward (autocast when ``bf16``), backward, AdamW."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   fwd = module if loss_fn is None else loss_fn
 
   def step():
@@ -289,7 +289,7 @@ def make_torch_step(module, opt, tb, *, device: str, bf16: bool, loss_fn=None):
 
 
 def _grad_norm(module) -> float:
-  import torch
+  import torch  # lazy: heavy dependency torch
   gs = [p.grad.float().pow(2).sum() for p in module.parameters() if p.grad is not None]
   return float(torch.sqrt(sum(gs)))
 
@@ -319,7 +319,7 @@ def parity_check(spec: dict[str, Any], *, batch: int, hf_dir: str | None = None,
   Returns ``{"ok", "errors", "jax", "torch"}`` (values keyed ``loss@1``, ``<term>@1``, ``grad_norm@1``,
   ``loss@2``, ``<term>@2``).
   """
-  import torch
+  import torch  # lazy: heavy dependency torch
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   with tempfile.TemporaryDirectory() as tmp:
     if hf_dir is None:
@@ -447,7 +447,7 @@ def run(spec: dict[str, Any], *, batch_per_device: int, dtype_name: str, windows
   torch = None
   tdevice = "cpu"
   if with_torch:
-    import torch
+    import torch  # lazy: heavy dependency torch
     tdevice = "cuda" if torch.cuda.is_available() else "cpu"
   flops_4n = hysac_trainer.step_flops(_clip_config(spec), spec["seq_len"])   # per quadruplet
   flops_6n = 1.5 * flops_4n                                                    # + weight-gradient GEMMs
@@ -535,7 +535,7 @@ def main(argv: list[str]) -> None:
   tc = spec["torch_compile"] if args.torch_compile is None else args.torch_compile
   with_torch = not args.no_torch
   if with_torch and args.torch_threads:
-    import torch
+    import torch  # lazy: heavy dependency torch
     torch.set_num_threads(args.torch_threads)
   env = perf.environment()
   env["xla_flags"] = os.environ.get("XLA_FLAGS", "")
@@ -598,7 +598,6 @@ def main(argv: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 def _clip_config(spec):
-  from vlsafe_jax.models.clip import CLIPConfig
   p = spec["projection_dim"]
   return CLIPConfig.from_hf({"projection_dim": p, "text_config": {**spec["text"], "projection_dim": p},
                              "vision_config": {**spec["vision"], "projection_dim": p}})
@@ -606,7 +605,6 @@ def _clip_config(spec):
 
 def _write_hf_clip_without_torch(spec, directory):
   """``--no-torch``: a random CLIP of the preset's shapes in HF layout through our exporter."""
-  from checkpoints_convert import clip as convert
   convert.export_hf(CLIP(_clip_config(spec), rngs=nnx.Rngs(0)), directory)
 
 

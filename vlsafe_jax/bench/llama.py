@@ -22,6 +22,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 
 import jax
@@ -65,7 +66,7 @@ def _build(preset: str, dtype, want_torch: bool, torch_device: str):
   cfg = L.LlamaConfig(**kw, pad_token_id=0, eos_token_id=2)
   hf = None
   if want_torch:
-    import torch
+    import torch  # lazy: heavy dependency torch, transformers (imports torch)
     import transformers
     hf_cfg = transformers.LlamaConfig(**kw, pad_token_id=0, eos_token_id=2, bos_token_id=1)
     hf_cfg._attn_implementation = "sdpa"
@@ -134,7 +135,7 @@ def main(argv: list[str]) -> None:
   want_torch = not args.no_torch
   if want_torch:
     try:
-      import torch
+      import torch  # lazy: heavy dependency torch
       torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
       want_torch = False
@@ -163,7 +164,7 @@ def main(argv: list[str]) -> None:
     t_one = perf.time_fn(gen(1), windows=args.windows, steps=args.steps)
     results = {"jax": (t_pre, t_gen, t_one)}
     if hf is not None:
-      import torch
+      import torch  # lazy: heavy dependency torch
       sync = perf.torch_sync(torch_device)
       t_ids = torch.tensor(ids, dtype=torch.long, device=torch_device)
       t_mask = torch.tensor(mask, dtype=torch.long, device=torch_device)
@@ -199,5 +200,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  import sys
   main(sys.argv[1:])

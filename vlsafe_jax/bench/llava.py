@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import jax
@@ -83,7 +84,7 @@ def config(spec: dict) -> LV.LlavaConfig:
 
 def hf_config(spec: dict):
   """The matching ``transformers.LlavaConfig`` (layer -2 features, CLS dropped, erf GELU projector, SDPA)."""
-  import transformers
+  import transformers  # lazy: heavy dependency transformers (imports torch)
   hf_cfg = transformers.LlavaConfig(
       vision_config=transformers.CLIPVisionConfig(**spec["vision"]),
       text_config=transformers.LlamaConfig(**spec["text"], pad_token_id=0, eos_token_id=2, bos_token_id=1),
@@ -105,7 +106,7 @@ def build(spec: dict, dtype, *, want_torch: bool, torch_device: str, same_weight
   cfg = config(spec)
   hf = None
   if want_torch:
-    import torch
+    import torch  # lazy: heavy dependency torch, transformers (imports torch)
     import transformers
     torch.manual_seed(0)
     tdtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
@@ -156,7 +157,7 @@ def time_jax(model: LV.Llava, ids, mask, pixels, n_new: int, *, windows: int, st
 
 
 def torch_inputs(hf, ids, mask, pixels, device: str):
-  import torch
+  import torch  # lazy: heavy dependency torch
   tdt = next(hf.parameters()).dtype
   return (torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device),
           torch.tensor(pixels.transpose(0, 3, 1, 2).copy(), device=device, dtype=tdt))
@@ -167,7 +168,7 @@ def time_torch(hf, ids, mask, pixels, n_new: int, *, device: str, windows: int, 
   """HF ``(prefill, generate(n_new), generate(1))`` Timings: eager dynamic cache, or (``static_compile``) the
   tuned decode of the PyTorch blog / gpt-fast: static KV cache and ``torch.compile(mode="reduce-overhead")`` of the
   language model's forward (CUDA graphs on GPUs)."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   sync = perf.torch_sync(device)
   t_ids, t_mask, t_pix = torch_inputs(hf, ids, mask, pixels, device)
 
@@ -216,7 +217,7 @@ def main(argv: list[str]) -> None:
   want_torch = not args.no_torch
   if want_torch:
     try:
-      import torch
+      import torch  # lazy: heavy dependency torch
       torch_device = "cuda" if torch.cuda.is_available() else "cpu"
       if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -258,5 +259,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  import sys
   main(sys.argv[1:])

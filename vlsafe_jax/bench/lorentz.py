@@ -62,7 +62,7 @@ def _parse(argv):
 
 def torch_loss_fn():
   """Returns ``loss(e_i, e_iu, e_t, e_tu, log_c, log_s) -> (total, terms)`` in plain torch (reference weights)."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   import torch.nn.functional as F
 
   def time_comp(x, c):

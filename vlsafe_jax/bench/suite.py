@@ -42,6 +42,8 @@ import gc
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -57,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoints_convert import clip as convert
 from vlsafe_jax import perf
 from vlsafe_jax.bench import clip as clip_bench
 from vlsafe_jax.bench import cmrm as cmrm_bench
@@ -415,17 +418,17 @@ class Ctx:
   def free(self):
     gc.collect()
     if self.with_torch and self.device.startswith("cuda"):
-      import torch
+      import torch  # lazy: heavy dependency torch
       torch.cuda.empty_cache()
 
   def reset_torch_peak(self):
     if self.with_torch and self.device.startswith("cuda"):
-      import torch
+      import torch  # lazy: heavy dependency torch
       torch.cuda.reset_peak_memory_stats()
 
   def torch_peak(self) -> int | None:
     if self.with_torch and self.device.startswith("cuda"):
-      import torch
+      import torch  # lazy: heavy dependency torch
       return int(torch.cuda.max_memory_allocated())
     return None
 
@@ -448,12 +451,10 @@ def _time_sides(ctx: Ctx, fns: dict[str, Callable[[], Any]], windows: int, steps
 # ------------------------------------------------------------------------------------------------------------
 
 def run_clip(ctx: Ctx, rows: list[Row]) -> list[dict]:
-  import tempfile
   c = ctx.P["clip"]
   with tempfile.TemporaryDirectory() as d:
     hf = clip_bench.write_hf(c["spec"], d) if ctx.with_torch else None
     if hf is None:
-      from checkpoints_convert import clip as convert
       convert.export_hf(C.CLIP(_clip_config(c["spec"]), rngs=nnx.Rngs(0)), d)
     ours = clip_bench.load_jax(d, c["dtype"])
   cfg = ours.config
@@ -471,7 +472,7 @@ def run_clip(ctx: Ctx, rows: list[Row]) -> list[dict]:
     fns = {"jax": (lambda x=x: jfns[tower](x))}
     t_out = None
     if tfns is not None:
-      import torch
+      import torch  # lazy: heavy dependency torch
       tx = to_torch()
       fns["torch"] = (lambda tx=tx: tfns[tower](tx))
       if tower not in parity:
@@ -592,7 +593,7 @@ def run_llava(ctx: Ctx, rows: list[Row]) -> list[dict]:
   compile_ = ctx.compile_for("llava")
   parity = None
   if ctx.with_torch:
-    import torch
+    import torch  # lazy: heavy dependency torch
     pm, phf, pcfg = _llava_parity_pair(ctx)
     ids, mask, pixels = llava_bench.prompts(pcfg, 2, lv["text_len"], np.random.RandomState(5))
     pre, _, _ = llava_bench.jax_prefill(pm, ids.shape[1] + 1)
@@ -867,7 +868,7 @@ def main(argv: list[str]) -> None:
           json.dumps({"preset": args.preset, "rows": [r.plan_record() for r in rows]}, indent=1))
     return
   if args.torch_threads and not args.no_torch:
-    import torch
+    import torch  # lazy: heavy dependency torch
     torch.set_num_threads(args.torch_threads)
   result = run(args.preset, out_dir=args.out, torch_compile=args.torch_compile, with_torch=not args.no_torch,
                rows=patterns, budget_s=args.budget_s)
@@ -880,5 +881,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  import sys
   main(sys.argv[1:])

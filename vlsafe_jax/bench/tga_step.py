@@ -22,6 +22,7 @@ layers 1-3): GPU presets are never run in the CPU build environment.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 
@@ -94,7 +95,7 @@ def make_batch(cfg: LV.LlavaConfig, p: dict, batch: int, seed: int = 0) -> dict[
 
 
 def _hf_config(p):
-  import transformers
+  import transformers  # lazy: heavy dependency transformers (imports torch)
   text = dict(p["text"], pad_token_id=0, eos_token_id=2, bos_token_id=1)
   text_cfg = (transformers.MistralConfig(**text, sliding_window=None) if "rope_theta" in text
               else transformers.LlamaConfig(**text))
@@ -118,7 +119,7 @@ def torch_step_fn(hf, batch, layers, loss_cfg, device, lr=1e-5, autocast_bf16: b
   mixed-precision recipe, like the JAX side's float32 params + bf16 compute). ``forward``: the callable for the
   training pass (default ``hf``; the suite passes ``torch.compile(hf)``).
   """
-  import torch
+  import torch  # lazy: heavy dependency torch
   t = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
   t["input_ids"], t["labels"], t["ref_ids"] = t["input_ids"].long(), t["labels"].long(), t["ref_ids"].long()
   pix = t["pixels"].permute(0, 3, 1, 2).to(next(hf.parameters()).dtype)
@@ -187,7 +188,7 @@ def run(p: dict, *, windows: int, steps: int, want_torch: bool = True, torch_com
   device = "cpu"
   hf = None
   if want_torch:
-    import torch
+    import torch  # lazy: heavy dependency torch, transformers (imports torch)
     import transformers
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -233,7 +234,7 @@ def run(p: dict, *, windows: int, steps: int, want_torch: bool = True, torch_com
   if m is not None:
     rec["jax_mfu"] = m
   if hf is not None:
-    import torch
+    import torch  # lazy: heavy dependency torch
     forward, label = None, "eager"
     if torch_compile:
       forward, label = torch.compile(hf), "torch.compile"
@@ -268,7 +269,7 @@ def main(argv: list[str]) -> None:
   if args.batch:
     p["batch"] = args.batch
   if not args.no_torch and args.torch_threads:
-    import torch
+    import torch  # lazy: heavy dependency torch
     torch.set_num_threads(args.torch_threads)
   env = perf.environment()
   rows = []
@@ -290,5 +291,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  import sys
   main(sys.argv[1:])

@@ -32,6 +32,9 @@ import numpy as np
 from flax import nnx
 
 from vlsafe_jax import perf
+from vlsafe_jax.methods.uwm import calibrate as cal
+from vlsafe_jax.methods.uwm import edit
+from vlsafe_jax.models.clip import CLIP
 
 PRESETS = {
     "small": dict(vision=dict(image_size=64, patch_size=16, hidden_size=128, intermediate_size=512,
@@ -47,7 +50,7 @@ def _rss_mb() -> float:
 
 
 def _build(preset, tmp):
-  import torch
+  import torch  # lazy: heavy dependency torch, transformers (imports torch)
   from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
   v = preset["vision"]
   cfg = CLIPConfig(text_config=CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=37,
@@ -64,7 +67,7 @@ def _build(preset, tmp):
 def torch_reference(hf, px_s, px_u, batch, device, tau=TAU, eps=1e-8):
   """The reference algorithm with forward hooks and full N x d_out x d_in tensors; returns (R {name: (o, i)},
   masks, timings)."""
-  import torch
+  import torch  # lazy: heavy dependency torch
   hf = hf.to(device)
   names = [f"vision_model.encoder.layers.{i}.mlp.fc2" for i in range(len(hf.vision_model.encoder.layers))]
   got = {}
@@ -117,9 +120,6 @@ def run(vision: dict, pairs: int, batch: int, torch_device: str = "cpu", *, hf=N
   ``hf`` / ``hf_dir``: an HF ``CLIPModel`` (or its directory) whose vision tower has ``vision``'s shapes, to reuse;
   default: built here with a tiny text tower.
   """
-  from vlsafe_jax.methods.uwm import calibrate as cal
-  from vlsafe_jax.methods.uwm import edit
-  from vlsafe_jax.models.clip import CLIP
   rng = np.random.RandomState(0)
   px_s = rng.randn(pairs, vision["image_size"], vision["image_size"], 3).astype(np.float32)
   px_u = (px_s + 0.5 * rng.randn(*px_s.shape)).astype(np.float32)
@@ -128,7 +128,7 @@ def run(vision: dict, pairs: int, batch: int, torch_device: str = "cpu", *, hf=N
       hf_dir = tmp
       hf = _build({"vision": vision}, tmp)
     elif hf is None and with_torch:
-      from transformers import CLIPModel
+      from transformers import CLIPModel  # lazy: heavy dependency transformers (imports torch)
       hf = CLIPModel.from_pretrained(hf_dir).eval()
     model = CLIP.from_pretrained(hf_dir)
   cfg = edit.UWMConfig()
@@ -163,7 +163,7 @@ def run(vision: dict, pairs: int, batch: int, torch_device: str = "cpu", *, hf=N
     return rec
 
   # ---- PyTorch reference.
-  import torch
+  import torch  # lazy: heavy dependency torch
   rss1 = _rss_mb()
   if torch_device.startswith("cuda"):
     torch.cuda.reset_peak_memory_stats()
@@ -191,7 +191,7 @@ def main(argv=None):
   p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
   p.add_argument("--no-record", action="store_true", help="do not append to runs/bench/results.jsonl")
   a = p.parse_args(argv)
-  import torch
+  import torch  # lazy: heavy dependency torch
   if a.torch_threads:
     torch.set_num_threads(a.torch_threads)
   preset = PRESETS[a.preset]

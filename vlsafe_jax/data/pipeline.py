@@ -28,7 +28,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import flags
 
 
 def epoch_permutation(num_records: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -196,7 +199,6 @@ def make_loader(source: Any, global_batch_size: int, *, seed: int, shuffle: bool
     shard_count`` (smaller only for a last partial batch with ``drop_remainder=False``).
   """
   if shard_index is None or shard_count is None:
-    import jax  # local: the data layer works without initialising a JAX backend when shards are explicit
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if worker_count < 0:
@@ -216,20 +218,17 @@ def make_loader(source: Any, global_batch_size: int, *, seed: int, shuffle: bool
 def _ensure_absl_flags_parsed() -> None:
   # grain reads its options from absl flags when it starts workers; outside an absl app (pytest, notebooks, our
   # CLIs) the flags are unparsed and grain raises UnparsedFlagAccessError. Marking them parsed keeps the defaults.
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
 def save_args(iterator: BatchIterator):
   """Orbax item for the iterator state: ``ocp.args.JsonSave`` (use inside ``ocp.args.Composite``)."""
-  import orbax.checkpoint as ocp
   return ocp.args.JsonSave(iterator.get_state())
 
 
 def restore_args():
   """Orbax restore item matching ``save_args``; pass the restored dict to ``iterator.set_state``."""
-  import orbax.checkpoint as ocp
   return ocp.args.JsonRestore()
 
 

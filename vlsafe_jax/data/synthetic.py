@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from vlsafe_jax.data.transform import QuadrupletTransform
 
@@ -556,7 +557,6 @@ def write_plain(source: SyntheticQuadruplets, out_dir: str | Path, limit: int | 
   relative to ``out_dir`` (the manifest's directory), which is how ``visu.PlainQuadruplets`` resolves them. PNG is
   lossless, so reading back gives the same uint8 pixels. Returns the manifest path.
   """
-  from PIL import Image  # pillow is a core dependency; imported here to keep module import light
   out_dir = Path(out_dir)
   img_dir = out_dir / "images" / source.split
   img_dir.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,7 @@ def load_tokenizer(ckpt_dir: str | os.PathLike, **kwargs: Any):
         f"no tokenizer files in {d}: expected {_expected_files()} (found: {present or 'nothing'}). Copy the "
         f"tokenizer files of the original HF checkpoint into this directory.")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  # lazy: heavy dependency transformers (imports torch)
   from transformers import AutoTokenizer, CLIPTokenizer
   try:
     return AutoTokenizer.from_pretrained(os.fspath(d), local_files_only=True, **kwargs)
@@ -94,7 +95,7 @@ def diagnose_tokenizer_files(d: Path) -> str | None:
       return f"{path}: expected a JSON object at the top level, got {type(obj).__name__}"
   path = d / "tokenizer.json"
   if path.is_file():
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # lazy: not a declared dependency (comes with transformers)
     try:
       Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - the Rust library raises a bare Exception with the parse position
@@ -193,7 +194,7 @@ def build_clip_bpe_tokenizer(gz_path: str | os.PathLike, model_max_length: int =
   there). bos/eos/pad = 49406/49407/49407; ``"a photo of a cat"`` -> [49406, 320, 1125, 539, 320, 2368, 49407].
   ``save_pretrained(dir)`` writes files that :func:`load_tokenizer` reads back.
   """
-  from transformers import CLIPTokenizer
+  from transformers import CLIPTokenizer  # lazy: heavy dependency transformers (imports torch)
   vocab, merges = clip_bpe_vocab(gz_path)
   return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 

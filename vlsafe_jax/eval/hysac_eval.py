@@ -47,6 +47,7 @@ from vlsafe_jax.eval import nsfw, retrieval
 from vlsafe_jax.methods.hysac import traversal as trav
 # The bounds.json format is the library's (model_io); its reader and writer stay importable from here.
 from vlsafe_jax.model_io import BOUND_STATS, load_bounds, save_bounds
+from vlsafe_jax.perf import format_table
 
 SETS = ("T", "I", "T*", "I*")                      # root-distance order HySAC should produce
 BOUND_KEYS = {"T": "S", "T*": "U", "I": "V", "I*": "G"}   # embedding set -> bounds.json key (model_io.BOUND_NAMES)
@@ -413,7 +414,7 @@ def evaluate(embeddings: Mapping[str, Any], curv: float, train_embeddings_for_bo
     out.mkdir(parents=True, exist_ok=True)
     save_bounds(out / "bounds.json", b)
     if cfg.plots:
-      from vlsafe_jax.eval import plots
+      from vlsafe_jax.eval import plots  # lazy: eval.plots imports matplotlib
       pdir = out / "plots"
       files = [plots.root_distance_histogram(dists, pdir / "root_distance_hist.png", bins=cfg.hist_bins,
                                              title=f"{cfg.model_name}: distance from the root (test)"),
@@ -441,7 +442,6 @@ def results_table(models: Mapping[str, Mapping], *, tasks: Sequence[str] = SAFE_
   A model with traversal results is shown with traversal (the paper's HySAC rows) and, when
   ``with_plain_rows``, again as ``"<name> (no traversal)"``.
   """
-  from vlsafe_jax.perf import format_table
   safe_cols = [t for t in tasks if len(TASKS_BY_NAME[t].gallery) > 1]
   headers = ["model"] + [f"{t} R@{'/'.join(map(str, ks))}" for t in tasks] + [f"{t} %safe" for t in safe_cols]
   rows = []
@@ -475,7 +475,6 @@ def results_tables(models: Mapping[str, Mapping], *, synthetic: bool = False) ->
 
 def category_table(models: Mapping[str, Mapping], task: str = "T*->I u I*", which: str = "traversal") -> str:
   """Per-category R@1 (Table 8 style) for one task: rows = models, columns = categories."""
-  from vlsafe_jax.perf import format_table
   rows, names = [], None
   for name, res in models.items():
     cat = res.get("per_category", {}).get(task)

@@ -31,7 +31,12 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+
+from vlsafe_jax.data.tokenize import load_tokenizer
+from vlsafe_jax.models import decoding
+from vlsafe_jax.models.llama import Llama
 
 MODES = ("refusal", "response", "content")
 
@@ -242,8 +247,6 @@ class LLMJudge:
     ``tokenizer``: HF-style, ``tokenizer(text, add_special_tokens=False)["input_ids"]`` (the rendered prompt
     already holds ``<|begin_of_text|>``) and ``tokenizer.decode(ids, skip_special_tokens=True)``.
     """
-    from vlsafe_jax.models import decoding
-
     def generate(texts: list[str]) -> list[str]:
       rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
       kw = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
@@ -256,9 +259,6 @@ class LLMJudge:
   @classmethod
   def from_pretrained(cls, path: str, *, dtype=None, **kwargs) -> "LLMJudge":
     """An HF Llama-family directory (config.json + safetensors + tokenizer files), loaded offline."""
-    import jax.numpy as jnp
-    from vlsafe_jax.data.tokenize import load_tokenizer
-    from vlsafe_jax.models.llama import Llama
     model = Llama.from_pretrained(path, dtype=dtype or jnp.float32)
     return cls.from_model(model, load_tokenizer(path), name=kwargs.pop("name", f"llm:{path}"), **kwargs)
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vlsafe_jax.perf import format_table
+
 PAPER_THRESHOLDS = (0.51, 0.52, 0.53, 0.54, 0.55)   # Table 6 (on the released model's distance scale)
 
 
@@ -93,7 +95,6 @@ def format_rate(row: dict, name: str) -> str:
 
 def format_sweep(result: dict, title: str | None = None) -> str:
   """Markdown table of a :func:`sweep` result (threshold, Acc, FPR, FNR; the best row marked)."""
-  from vlsafe_jax.perf import format_table
   best_t = result["best"]["threshold"]
   rows = [[f"{r['threshold']:.4g}" + (" (best)" if r["threshold"] == best_t else ""), f"{r['Acc']:.1f}",
            format_rate(r, "FPR"), format_rate(r, "FNR")] for r in result["rows"]]

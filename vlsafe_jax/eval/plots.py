@@ -23,7 +23,7 @@ _SET_STYLE = {"T": ("T (safe text)", "tab:blue"), "I": ("I (safe image)", "tab:g
 
 
 def _plt():
-  import matplotlib
+  import matplotlib  # lazy: matplotlib is heavy (plots only)
   matplotlib.use("Agg", force=True)   # never open a window, whatever the environment says
   import matplotlib.pyplot as plt
   return plt

@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from vlsafe_jax.data import images as images_lib
 from vlsafe_jax.data.prompt_sets import SafetyItem
+from vlsafe_jax.data.vlm_prompts import build_prompt, collate
 from vlsafe_jax.eval import judge as judge_lib
+from vlsafe_jax.models import llava as llava_lib
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -45,8 +49,6 @@ def build_batches(items: Sequence[SafetyItem], tokenizer, model_config, *, batch
                   image_fn: Callable[[SafetyItem], np.ndarray] | None = None, image_mean=None, image_std=None):
   """Yields :class:`PromptBatch` es. ``image_fn(item) -> normalised (h, w, C) float32`` overrides image loading
   (default: :func:`vlsafe_jax.data.images.preprocess` of the path / array at the model's image size)."""
-  from vlsafe_jax.data import images as images_lib
-  from vlsafe_jax.data.vlm_prompts import build_prompt
   size = model_config.vision_config.image_size
   kw = {}
   if image_mean is not None:
@@ -93,17 +95,14 @@ def generate_responses(model, tokenizer, items: Sequence[SafetyItem], *, batch_s
       vectors, alpha, prompt mask); None = unsteered.
     generate_kwargs: passed to :func:`vlsafe_jax.models.llava.generate` (``min_bucket``, ``bucket_step``, ...).
   """
-  from vlsafe_jax.models import llava as llava_lib
   batches = build_batches(items, tokenizer, model.config, batch_size=batch_size, template=template, system=system,
                           use_images=use_images, image_fn=image_fn)
   total = -(-len(items) // batch_size)
   if progress:
-    from tqdm import tqdm
     batches = tqdm(batches, total=total, desc=desc)
   if eos_token_id is None:
     eos_token_id = getattr(tokenizer, "eos_token_id", None)
   out: list[str] = []
-  from vlsafe_jax.data.vlm_prompts import collate
   pad = model.config.text_config.pad_token_id or 0
   for batch in batches:
     arr = collate(batch.prompts, pad, side="left")

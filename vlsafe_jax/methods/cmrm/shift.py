@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
-from vlsafe_jax import model_io
+from vlsafe_jax import model_io, sharding
 from vlsafe_jax.data.vlm_prompts import SEG_IMAGE, collate
 from vlsafe_jax.methods.cmrm import masks
 from vlsafe_jax.models import decoding
@@ -99,7 +100,6 @@ def prompt_states(model, prompts: Sequence[Any], pixels: np.ndarray | None, *, m
   inputs = [jnp.asarray(ids, jnp.int32), jnp.asarray(arr["attention_mask"], jnp.int32),
             None if pixels is None else jnp.asarray(pixels, jnp.float32), jnp.asarray(text_mask)]
   if mesh is not None:
-    from vlsafe_jax import sharding
     inputs = [None if x is None else jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in inputs]
   steer = None
   if steer_vectors is not None:
@@ -126,7 +126,6 @@ def extract_pairs(model, prompts: Sequence[Any], *, mode: str = "last", corrupt:
   ht, hc = [], []
   it = range(0, len(prompts), batch_size)
   if progress:
-    from tqdm import tqdm
     it = tqdm(it, desc="cmrm extract")
   for s in it:
     chunk = list(prompts[s:s + batch_size])

@@ -26,8 +26,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from vlsafe_jax import perf
+from vlsafe_jax.data import images as images_lib
+from vlsafe_jax.data import vlm_prompts as VP
 from vlsafe_jax.methods.tga.loss import cosine
+from vlsafe_jax.models import decoding
 from vlsafe_jax.models.hooks import Hooks
 
 TEXT_TEMPLATE = "Describe this scene : {}"
@@ -86,7 +91,6 @@ def layer_cosines(img_bld: jax.Array, txt_bld: jax.Array) -> jax.Array:
 
 def _lens_fn(model):
   """Jitted ``(ids, mask, pixels, span_mask) -> (probs (L, B, V), span means (B, L, D))`` for left-padded rows."""
-  from flax import nnx
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -112,9 +116,6 @@ def analyze(model, tokenizer, items: Sequence[Any], *, refusal_ids: Sequence[int
   Returns a JSON-able dict: per-layer curves (mean/median refusal rank, mean refusal probability per condition,
   mean cosine), per-item start/end layers per condition, and the decoded refusal tokens.
   """
-  from vlsafe_jax.data import images as images_lib
-  from vlsafe_jax.data import vlm_prompts as VP
-  from vlsafe_jax.models import decoding
   cfg = model.config
   size = cfg.vision_config.image_size
   missing = [it.id for it in items if not it.caption]
@@ -181,7 +182,6 @@ def analyze(model, tokenizer, items: Sequence[Any], *, refusal_ids: Sequence[int
 
 
 def format_table(result: dict[str, Any]) -> str:
-  from vlsafe_jax import perf
   rows = []
   for i, l in enumerate(result["layers"]):
     rows.append([l, f"{result['image']['mean_rank'][i]:.1f}", f"{result['text']['mean_rank'][i]:.1f}",
@@ -205,7 +205,7 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> Path:
   out.mkdir(parents=True, exist_ok=True)
   (out / "analysis.json").write_text(json.dumps(result, indent=2))
   (out / "analysis.txt").write_text(format_table(result) + "\n")
-  import matplotlib
+  import matplotlib  # lazy: matplotlib is heavy (plots only)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   layers = result["layers"]

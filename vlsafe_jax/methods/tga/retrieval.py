@@ -21,9 +21,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlsafe_jax import sharding
+from vlsafe_jax.data import tokenize
 
 
 def l2_normalize(x_ne: np.ndarray | jax.Array, eps: float = 1e-12):
@@ -194,8 +196,6 @@ def build_index(texts: Sequence[str], encode: Callable[[list[str]], np.ndarray],
 
 def clip_text_encoder(clip, tokenizer, max_length: int = 77) -> Callable[[list[str]], np.ndarray]:
   """``list[str] -> (N, P)`` with a :class:`vlsafe_jax.models.clip.CLIP`'s text tower (jitted once per batch)."""
-  from flax import nnx
-  from vlsafe_jax.data import tokenize
   graphdef, state = nnx.split(clip)
 
   @jax.jit
@@ -212,7 +212,6 @@ def clip_text_encoder(clip, tokenizer, max_length: int = 77) -> Callable[[list[s
 
 def clip_image_encoder(clip) -> Callable[[np.ndarray], np.ndarray]:
   """``(I, h, w, 3) normalised pixels -> (I, P)`` with the CLIP's image tower (jitted)."""
-  from flax import nnx
   graphdef, state = nnx.split(clip)
 
   @jax.jit

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 
 from vlsafe_jax.methods.uwm import calibrate as cal
 from vlsafe_jax.methods.uwm import edit
@@ -131,7 +132,6 @@ def gradient_scores(embed_fn: Callable, params: dict, batches: Iterable[Mapping[
   acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in kernels.items()}
   it = batches
   if progress:
-    from tqdm.auto import tqdm
     it = tqdm(batches, desc=f"gradient baseline ({tower})", unit="batch")
   n = 0
   for batch in it:

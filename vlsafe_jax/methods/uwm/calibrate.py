@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from vlsafe_jax import sharding
 from vlsafe_jax.data.sources import pad_batch
@@ -187,7 +188,6 @@ def calibrate(encode_fn: EncodeFn, params: Any, batches: Iterable[Mapping[str, A
   step = make_step(encode_fn, cfg)
   it = batches
   if progress:
-    from tqdm.auto import tqdm
     it = tqdm(batches, desc=desc, total=total, unit="batch")
   rows, offset, seen = None, 0, 0
   for batch in it:
