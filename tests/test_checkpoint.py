@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax import sharding
 from vlsafe_jax.checkpoint import Checkpointer, CorruptCheckpointError, fingerprint
 
@@ -136,3 +137,17 @@ def test_fingerprint_sees_every_bit_and_ignores_sharding():
   sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "model")))
   assert fingerprint({"x": sharded}) == base
   assert set(fingerprint({"k": jax.random.key(0), "b": jnp.ones(2, bool), "h": jnp.ones(2, jnp.bfloat16)}))
+
+
+def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+  """A failure between writing the temporary file and the rename leaves the old file intact, never a mix."""
+  p = tmp_path / "summary.json"
+  ckpt_lib.write_text_atomic(p, '{"a": 1}')
+  assert p.read_text() == '{"a": 1}'
+
+  def boom(src, dst):
+    raise KeyboardInterrupt("killed before the rename")
+  monkeypatch.setattr(ckpt_lib.os, "replace", boom)
+  with pytest.raises(KeyboardInterrupt):
+    ckpt_lib.write_text_atomic(p, '{"a": 2, "b": "' + "x" * 10000 + '"}')
+  assert p.read_text() == '{"a": 1}'

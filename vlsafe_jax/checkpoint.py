@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json as jsonlib
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,17 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 FINGERPRINT_ITEM = "fingerprint"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+  """Writes ``text`` to ``path`` through a sibling temporary file and ``os.replace``: a kill mid-write leaves the
+  old file (or none), never half of the new one. Used for the run directory's small files whose presence a rerun
+  reads (``config.json``, ``summary.json``, stage results, a rewritten ``metrics.jsonl``)."""
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+  return path
 
 
 def abstract_like(tree: Any) -> Any:

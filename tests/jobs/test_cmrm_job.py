@@ -18,6 +18,7 @@ from vlsafe_jax.data import synthetic_vlm as S
 from vlsafe_jax.eval import vlm_safety
 from vlsafe_jax.jobs import cmrm as cmrm_job
 from vlsafe_jax.models import llava as LV
+from vlsafe_jax.train import vlm_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _interrupt import Interrupted, records, stop_after_stages  # noqa: E402
@@ -27,9 +28,9 @@ from _interrupt import Interrupted, records, stop_after_stages  # noqa: E402
 def cfg(tmp_path_factory):
   path = tmp_path_factory.mktemp("model")
   tok = S.WordTokenizer()
-  model = LV.Llava(S.llava_config(tok, width=40, layers=2, heads=4, kv_heads=2, mlp=37, vision_width=24,
-                                  vision_layers=1), rngs=nnx.Rngs(3))
-  S.save(model, tok, path)
+  model = LV.Llava(vlm_base.llava_config(tok, width=40, layers=2, heads=4, kv_heads=2, mlp=37, vision_width=24,
+                                         vision_layers=1), rngs=nnx.Rngs(3))
+  vlm_base.save(model, tok, path)
   return config_lib.load("cmrm_synthetic:smoke", [
       f"model.path={path}", "data.limit=3", "data.anchor_limit=4", "eval.batch_size=4", "eval.max_new_tokens=3",
       "cmrm.corrupt=noise"])

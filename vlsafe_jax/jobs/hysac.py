@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from vlsafe_jax import checkpoint as ckpt_lib
 from vlsafe_jax import config as config_lib
 from vlsafe_jax.data import sources
 from vlsafe_jax.eval import hysac_eval
@@ -72,7 +73,8 @@ def evaluate_run(cfg: ml_collections.ConfigDict, workdir: Path, base_dir: Path, 
       baselines[label] = res
   summary = summarize(results, baselines[CLIP_LABEL])
   if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    # Atomic: a finished run is recognised by summary.json, so a kill must not leave half of one.
+    ckpt_lib.write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
   print_results(workdir)
   print(f"(evaluation {time.time() - t0:.0f} s)")
   return summary

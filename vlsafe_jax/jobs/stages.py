@@ -10,7 +10,6 @@ it returns; the stage JSON is the commit point.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from vlsafe_jax.checkpoint import write_text_atomic
 from vlsafe_jax.train.common import MetricsWriter
 
 
@@ -62,9 +62,7 @@ class Stages:
     for i, rec in enumerate(records):
       self.writer.write({"stage": name, "step": i, **rec})
     text = json.dumps(result, indent=2, default=_json_default)
-    tmp = self.path(name).with_suffix(".json.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, self.path(name))
+    write_text_atomic(self.path(name), text)
     return json.loads(text)
 
   def run(self, name: str, compute: Callable[[], tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]]

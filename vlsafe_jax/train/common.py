@@ -79,7 +79,7 @@ def prepare_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> Path:
       raise ValueError(f"{path} holds a different config; re-run with the same config to resume, or pass a new "
                        f"--workdir to start afresh")
   if jax.process_index() == 0:
-    path.write_text(json.dumps(new, indent=2))
+    ckpt_lib.write_text_atomic(path, json.dumps(new, indent=2))
   return workdir
 
 
@@ -100,9 +100,7 @@ class MetricsWriter:
     if lines and not text.endswith("\n"):
       lines.pop()       # written without its newline: the append was cut off (a complete record ends with one)
     keep = [l for l in lines if not (json.loads(l).get("stage") == stage and json.loads(l).get("step", -1) > step)]
-    tmp = self.path.with_name(self.path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, self.path)
+    ckpt_lib.write_text_atomic(self.path, "".join(l + "\n" for l in keep))
 
   def write(self, record: Mapping[str, Any]) -> None:
     if jax.process_index() != 0:
