@@ -115,7 +115,7 @@ def _group(res: dict, prefix: str) -> dict:
   return {k[len(prefix):]: v for k, v in res.items() if k.startswith(prefix)}
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]   # one worker builds the module fixture
 
 
 def test_one_epoch_sees_every_item_once_across_processes(runs):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]   # one worker builds the reference run
 
 ROOT = Path(__file__).resolve().parents[2]
 # The smallest setting that still runs every stage of the main job (stage-1 CLIP, HySAC LoRA, evaluation):
