@@ -25,10 +25,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 FINGERPRINT_ITEM = "fingerprint"
+
+
+def json_default(o: Any) -> Any:
+  """``json.dumps(default=...)`` for results holding numpy values: numpy scalars as Python scalars, arrays as lists,
+  anything else as its ``str``."""
+  if isinstance(o, np.generic):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

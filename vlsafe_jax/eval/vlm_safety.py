@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from vlsafe_jax.checkpoint import json_default
 from vlsafe_jax.data import images as images_lib
 from vlsafe_jax.data.prompt_sets import SafetyItem
 from vlsafe_jax.data.vlm_prompts import build_prompt, collate
@@ -158,16 +159,8 @@ def write_eval(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
   """Writes ``results`` as indented JSON (NaN kept as JSON ``NaN``)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(results, indent=2, default=_json_default))
+  path.write_text(json.dumps(results, indent=2, default=json_default))
   return path
-
-
-def _json_default(o):
-  if isinstance(o, (np.floating, np.integer)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
 
 
 def run_safety_eval(model, tokenizer, items: Sequence[SafetyItem], judge, *, mode: str = "response",

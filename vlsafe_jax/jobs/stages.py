@@ -14,19 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from vlsafe_jax.checkpoint import write_text_atomic
+from vlsafe_jax.checkpoint import json_default, write_text_atomic
 from vlsafe_jax.train.common import MetricsWriter
-
-
-def _json_default(o):
-  if isinstance(o, np.generic):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
 
 
 class Stages:
@@ -61,7 +52,7 @@ class Stages:
     hand the same values to what follows."""
     for i, rec in enumerate(records):
       self.writer.write({"stage": name, "step": i, **rec})
-    text = json.dumps(result, indent=2, default=_json_default)
+    text = json.dumps(result, indent=2, default=json_default)
     write_text_atomic(self.path(name), text)
     return json.loads(text)
 
