@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -81,8 +82,8 @@ def execute(path: Path, *, cwd: Path, params: Mapping[str, Any] | None = None, t
 
   Returns ``(executed notebook, {"total_s": wall seconds})`` (per-cell times are in each cell's
   ``metadata.execution``). A failing cell raises
-  :class:`NotebookCellError` naming the notebook and the cell; the partly executed copy is still written to
-  ``out_path`` when given.
+  :class:`NotebookCellError` naming the notebook and the cell (0-based index over all cells, markdown included);
+  the partly executed copy is still written to ``out_path`` when given.
   """
   nb = nbformat.read(path, as_version=4)
   inject_parameters(nb, dict(params or {}), path.name)
@@ -96,7 +97,8 @@ def execute(path: Path, *, cwd: Path, params: Mapping[str, Any] | None = None, t
                 and any(o.get("output_type") == "error" for o in c.get("outputs", []))), None)
     lines = nb.cells[idx].source.strip().splitlines() if idx is not None else []
     head = lines[0][:100] if lines else ""
-    raise NotebookCellError(f"{path.name}: cell {idx} ({head!r}) failed:\n{e}") from e
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))   # the kernel's traceback comes with ANSI colours
+    raise NotebookCellError(f"{path.name}: cell {idx} ({head!r}) failed:\n{text}") from e
   finally:
     if out_path is not None:
       out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,7 @@ def _tiny_clip(d: Path) -> Path:
 
 def _tiny_llava(d: Path) -> Path:
   """The suite's tiny random HF LLaVA (tests/models/_llava_hf.py, Llama decoder) + a word-level tokenizer."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
   sys.path.insert(0, str(REPO / "tests" / "models"))
   import _llava_hf as H
@@ -108,6 +108,7 @@ def _tiny_llava(d: Path) -> Path:
   vocab = {w: i for i, w in enumerate(specials + words[:H.VOCAB - len(specials) - 1])}
   vocab["<image>"] = H.IMAGE_TOKEN
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.normalizer = normalizers.Lowercase()
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                           unk_token="<unk>").save_pretrained(d)
