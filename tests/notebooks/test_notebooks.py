@@ -4,8 +4,9 @@ How: ``scripts/run_notebooks.py`` (nbclient, the ``python3`` kernel of this envi
 parametrized over the directory listing so a new notebook is picked up without editing this file. The kernel
 inherits this process's environment: ``JAX_PLATFORMS=cpu`` and the suite's 8 simulated CPU devices
 (tests/conftest.py), and ``PYTHONPATH`` starts with this checkout, so the notebook imports the code under test
-even where another copy of vlsafe_jax is installed. The working directory is a fresh temporary directory per
-notebook: the notebooks write their run directories relative to it (``runs/...``) and never into the repository.
+even where another copy of vlsafe_jax is installed; it also shares this process's persistent XLA compilation cache.
+The working directory is a fresh temporary directory per notebook: the notebooks write their run directories
+relative to it (``runs/...``) and never into the repository.
 
 Each notebook runs with its default (CPU, synthetic) parameters, except ``real_checkpoints``, which gets the paths
 of tiny random HF checkpoints (CLIP with a real CLIP BPE tokenizer, LLaVA-1.5 with a small word-level tokenizer)
@@ -21,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import nbformat
 import pytest
 
@@ -134,7 +136,13 @@ def _params(name: str, request) -> dict:
 def test_notebook_executes(path, tmp_path, monkeypatch, request):
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+  # The kernel shares this process's persistent XLA cache (tests/conftest.py): programs the other tests compiled
+  # (e.g. the smoke HySAC job's) load instead of compiling. Safe: this process compiles nothing while it waits.
+  cache = jax.config.jax_compilation_cache_dir
+  if cache:
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   params = _params(path.stem, request)
   nb, timing = runner.execute(path, cwd=tmp_path, params=params, timeout=CELL_TIMEOUT_S,
                               out_path=tmp_path / "executed" / path.name)
