@@ -131,8 +131,14 @@ def _params(name: str, request) -> dict:
   return {}
 
 
+# The HySAC notebook runs the smoke HySAC job, as tests/train/test_hysac_train.py's module fixture does: on the same
+# xdist worker (its group), one of the two loads the other's compiled programs from the persistent XLA cache.
+_GROUPS = {"hysac": "hysac_smoke_run"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", [pytest.param(p, marks=[pytest.mark.xdist_group(_GROUPS[p.stem])] if p.stem in _GROUPS
+                                               else []) for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path, monkeypatch, request):
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
