@@ -1,6 +1,7 @@
 """Execute the notebooks in ``notebooks/`` top to bottom and write executed copies (for viewing).
 
   python scripts/run_notebooks.py OUT_DIR [--only hysac,uwm] [-p NAME KEY=VALUE ...] [--cwd DIR] [--timeout S]
+  python scripts/run_notebooks.py --strip        # clear outputs of notebooks/*.ipynb in place (before a commit)
 
 The committed notebooks carry no outputs (tests/notebooks/test_notebooks.py fails if one does): outputs would go
 stale the moment the library changes, so instead every notebook is executed by the test suite and this command
@@ -133,12 +134,22 @@ def _parse_params(items: list[list[str]]) -> dict[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("out_dir", type=Path)
+  ap.add_argument("out_dir", type=Path, nargs="?")
+  ap.add_argument("--strip", action="store_true", help="clear the outputs of notebooks/*.ipynb in place and exit")
   ap.add_argument("--only", default="", help="comma-separated notebook names (default: all)")
   ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NOTEBOOK", "KEY=VALUE"))
   ap.add_argument("--cwd", type=Path, default=None, help="kernel working directory (default: OUT_DIR)")
   ap.add_argument("--timeout", type=int, default=900, help="seconds per cell")
   args = ap.parse_args(argv)
+  if args.strip:
+    for p in notebook_paths():
+      nb = nbformat.read(p, as_version=4)
+      if strip_outputs(nb):
+        nbformat.write(nb, p)
+        print(f"{p.name}: outputs cleared")
+    return 0
+  if args.out_dir is None:
+    ap.error("OUT_DIR is required (or --strip)")
   params = _parse_params(args.p)
   only = {s for s in args.only.split(",") if s}
   paths = [p for p in notebook_paths() if not only or p.stem in only]
