@@ -51,8 +51,9 @@ def test_committed_notebooks_have_no_outputs(path):
   nbformat.validate(nb)
   dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
            and (c.get("outputs") or c.get("execution_count") is not None)]
-  assert not dirty, (f"{path.name}: cells {dirty} carry outputs or execution counts; strip them (the suite executes "
-                     f"the notebooks; executed copies: python scripts/run_notebooks.py OUT_DIR)")
+  assert not dirty, (f"{path.name}: cells {dirty} carry outputs or execution counts; clear them with "
+                     f"python scripts/run_notebooks.py --strip (the suite executes the notebooks; executed copies: "
+                     f"python scripts/run_notebooks.py OUT_DIR)")
   runner.parameters_index(nb, path.name)
 
 
