@@ -234,3 +234,37 @@ def test_gradients_finite_at_edge_cases():
   back = jnp.array([[0.0, 0.0, 0.0]])
   g = jax.grad(lambda a, b: jnp.sum(L.oxy_angle(a, b, 10.0)), argnums=(0, 1))(far, back)
   chex.assert_tree_all_finite(g)
+
+
+@pytest.mark.parametrize("c", [0.3, 1.0, 7.0])
+def test_geodesic_stays_on_the_hyperboloid_and_splits_the_distance(c):
+  """gamma(t) is a point (its Lorentz time component equals the combination of the end points'), d(x, gamma(t)) =
+  t d(x, y) and d(gamma(t), y) = (1 - t) d(x, y): the curve is the geodesic, traversed at constant speed."""
+  with jax.enable_x64(True):
+    v = np.asarray(_random_tangent(jax.random.key(3), 2, 5), np.float64)
+    x, y = L.exp_map0(jnp.asarray(v), jnp.float64(c))
+    t = jnp.linspace(0.0, 1.0, 9, dtype=jnp.float64)
+    g = L.geodesic(x, y, jnp.float64(c), t)
+    d = float(L.elementwise_dist(x, y, c))
+    g_time = np.asarray(L.time_component(g, c))
+    theta = np.sqrt(c) * d
+    w_a, w_b = np.sinh((1 - t) * theta) / np.sinh(theta), np.sinh(t * theta) / np.sinh(theta)
+    combined_time = w_a * float(L.time_component(x, c)) + w_b * float(L.time_component(y, c))
+    d_from_x = np.asarray(L.elementwise_dist(jnp.broadcast_to(x, g.shape), g, c))
+    d_to_y = np.asarray(L.elementwise_dist(g, jnp.broadcast_to(y, g.shape), c))
+  assert g.shape == (9, 5) and d > 0.5
+  np.testing.assert_allclose(np.asarray(g[0]), np.asarray(x), atol=1e-12)
+  np.testing.assert_allclose(np.asarray(g[-1]), np.asarray(y), atol=1e-12)
+  np.testing.assert_allclose(g_time, combined_time, rtol=1e-10)
+  np.testing.assert_allclose(d_from_x[1:], np.asarray(t)[1:] * d, rtol=1e-7)
+  np.testing.assert_allclose(d_to_y[:-1], (1 - np.asarray(t)[:-1]) * d, rtol=1e-7)
+  # Not the straight line of the space components (for points this far apart the geodesic bends to the root).
+  assert np.abs(np.asarray(g[4]) - 0.5 * (np.asarray(x) + np.asarray(y))).max() > 1e-3
+
+
+def test_geodesic_of_identical_points_and_bad_shapes():
+  x = jnp.asarray([0.3, -0.2])
+  g = L.geodesic(x, x, 1.0, jnp.linspace(0, 1, 4))
+  np.testing.assert_allclose(np.asarray(g), np.tile(np.asarray(x), (4, 1)), rtol=1e-6)
+  with pytest.raises(ValueError, match="lorentz.geodesic: expects x"):
+    L.geodesic(jnp.zeros((2, 3)), jnp.zeros((2, 3)), 1.0, jnp.linspace(0, 1, 4))

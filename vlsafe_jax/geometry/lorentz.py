@@ -262,6 +262,36 @@ def elementwise_dist(x, y, curv, eps: float = EPS_DIST):
   return _dist_from_inner(elementwise_inner(x, y, c), c, eps)
 
 
+def geodesic(x, y, curv, t):
+  """Points ``gamma(t)`` on the geodesic from ``x`` (``t = 0``) to ``y`` (``t = 1``).
+
+  On the hyperboloid (time components included), with ``theta = sqrt(c) d(x, y) = arccosh(-c <x, y>_L)``:
+  ``gamma(t) = (sinh((1 - t) theta) x + sinh(t theta) y) / sinh(theta)``; the space components combine the same
+  way. ``d(x, gamma(t)) = t d(x, y)``. For ``theta`` below 1e-4 (nearly identical points) the weights are the
+  linear ones, their limit.
+
+  Args:
+    x, y: ``(D,)`` end points (space components).
+    curv: curvature magnitude ``c > 0``.
+    t: ``(S,)`` positions along the geodesic (0 and 1 are the end points; values outside extend it).
+
+  Returns:
+    ``(S, D)`` points (space components).
+  """
+  dt, (x, y) = _prepare("geodesic", x, y)
+  c = _curv("geodesic", curv, dt)
+  t = jnp.asarray(t, dt)
+  if x.ndim != 1 or y.shape != x.shape or t.ndim != 1:
+    raise ValueError(f"lorentz.geodesic: expects x (D,), y (D,), t (S,); got {x.shape}, {y.shape}, {t.shape}")
+  z = -c * elementwise_inner(x, y, c)
+  theta = jnp.arccosh(jnp.maximum(z, 1.0))
+  small = theta < 1e-4
+  th = jnp.where(small, 1.0, theta)        # a safe denominator; the small branch uses the linear weights
+  wa = jnp.where(small, 1.0 - t, jnp.sinh((1.0 - t) * th) / jnp.sinh(th))
+  wb = jnp.where(small, t, jnp.sinh(t * th) / jnp.sinh(th))
+  return wa[:, None] * x[None, :] + wb[:, None] * y[None, :]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Entailment cones.
 # ----------------------------------------------------------------------------------------------------------
@@ -359,5 +389,6 @@ def pairwise_oxy_angle(x, y, curv, eps: float = EPS_ANGLE):
 
 __all__ = [
     "SINH_CAP", "compute_dtype", "time_component", "exp_map0", "log_map0", "pairwise_inner", "elementwise_inner",
-    "pairwise_dist", "elementwise_dist", "root_distance", "half_aperture", "oxy_angle", "pairwise_oxy_angle",
+    "pairwise_dist", "elementwise_dist", "geodesic", "root_distance", "half_aperture", "oxy_angle",
+    "pairwise_oxy_angle",
 ]

@@ -46,7 +46,14 @@ class FreeEmbeddings(nnx.Module):
                  for k, a in (("i", a_img), ("iu", a_img), ("t", a_txt), ("tu", a_txt)))
 
 
-def _train_one(cfg: ml_collections.ConfigDict, variant: str, log) -> dict:
+def train_variant(cfg: ml_collections.ConfigDict, variant: str, log=None) -> tuple[dict, dict[str, np.ndarray]]:
+  """Trains the free embeddings of ``cfg`` with the loss of ``variant`` (a key of ``losses.ABLATIONS``).
+
+  Returns ``(result, points)``: the result row :func:`run` prints and saves (root distances, order, R@1,
+  curvature, final loss) and the four final sets as hyperboloid points ``{"I", "I*", "T", "T*": (N, D) float32}``
+  (e.g. to plot them when ``cfg.dim == 2``). ``log`` receives a metrics record every 10 steps (None: dropped).
+  """
+  log = log or (lambda rec: None)
   model = FreeEmbeddings(cfg.n_quadruplets, cfg.dim, rngs=nnx.Rngs(cfg.seed))
   loss_cfg = losses.HySACLossConfig(negatives=cfg.negatives, **ABLATIONS[variant])
   bounds = model.scalars.bounds
@@ -85,8 +92,9 @@ def _train_one(cfg: ml_collections.ConfigDict, variant: str, log) -> dict:
   d_ti = lorentz.pairwise_dist(e[2], e[0], c)
   r1 = float(jnp.mean(jnp.argmin(d_ti, axis=1) == jnp.arange(cfg.n_quadruplets))) * 100
   ordered = root["T"] < root["I"] < root["T*"] < root["I*"]
-  return {"variant": variant, "final_loss": float(total), "curvature": float(c), "root_distance": root,
-          "T->I R@1": r1, "order T<I<T*<I*": bool(ordered)}
+  result = {"variant": variant, "final_loss": float(total), "curvature": float(c), "root_distance": root,
+            "T->I R@1": r1, "order T<I<T*<I*": bool(ordered)}
+  return result, {name: np.asarray(x, np.float32) for name, x in zip(SETS, e)}
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
@@ -99,7 +107,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
   t0 = time.time()
   with (workdir / "metrics.jsonl").open("w") as f:
     log = lambda rec: f.write(json.dumps(rec) + "\n")
-    results = [_train_one(cfg, v, log) for v in cfg.ablations]
+    results = [train_variant(cfg, v, log)[0] for v in cfg.ablations]
   rows = [[r["variant"], *(f"{r['root_distance'][s]:.3f}" for s in ("T", "I", "T*", "I*")),
            "yes" if r["order T<I<T*<I*"] else "no", f"{r['T->I R@1']:.1f}", f"{r['curvature']:.3f}",
            f"{r['final_loss']:.4f}"] for r in results]
