@@ -1,0 +1,328 @@
+"""Writes notebooks/uwm.ipynb, notebooks/cmrm.ipynb and notebooks/tga.ipynb (outputs stripped) from the cell
+sources below. Run from the repository root:  python notes/nb-b-make-notebooks.py [uwm cmrm tga]"""
+import sys
+from pathlib import Path
+
+import nbformat
+
+REPO = Path(__file__).resolve().parent.parent
+
+INSTALL = '''\
+# Install: skipped where vlsafe_jax is already importable (e.g. this repository's own environment).
+import importlib.util
+import os
+import pathlib
+import shutil
+
+if importlib.util.find_spec("vlsafe_jax") is None:
+    # Where to install from: a clone of this repository (found next to this notebook) or VLSAFE_JAX_SRC (a path or
+    # a pip URL such as "git+https://github.com/<owner>/vlsafe_jax"). Nothing else is downloaded by the notebook.
+    here = pathlib.Path.cwd()
+    clone = next((p for p in (here, here.parent) if (p / "pyproject.toml").is_file() and (p / "vlsafe_jax").is_dir()),
+                 None)
+    src = os.environ.get("VLSAFE_JAX_SRC") or (str(clone) if clone else None)
+    if src is None:
+        raise RuntimeError("vlsafe_jax is not installed: set VLSAFE_JAX_SRC to a clone of the repository or its git URL")
+    # The JAX build for the accelerator: NVIDIA GPU (Colab GPU runtimes) -> the CUDA 12 extra; Cloud TPU / Colab
+    # TPU runtimes -> jax[tpu]; otherwise the CPU build.
+    if shutil.which("nvidia-smi"):
+        spec, extra = f"{src}[cuda12]" if clone else f"vlsafe_jax[cuda12] @ {src}", ""
+    elif os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR") or pathlib.Path("/dev/accel0").exists():
+        spec, extra = (src if clone else f"vlsafe_jax @ {src}"), "jax[tpu]"
+    else:
+        spec, extra = (src if clone else f"vlsafe_jax @ {src}"), ""
+    get_ipython().run_line_magic("pip", f"install '{spec}' {extra}")
+import vlsafe_jax
+print("vlsafe_jax", vlsafe_jax.__version__, "from", pathlib.Path(vlsafe_jax.__file__).parent)'''
+
+SHOW = '''\
+def show(fig):
+    """Displays a figure inline whatever the active matplotlib backend (the library's plot files force Agg)."""
+    display(fig)
+    plt.close(fig)'''
+
+
+def md(s):
+  return nbformat.v4.new_markdown_cell(s.strip("\n"))
+
+
+def code(s, params=False):
+  return nbformat.v4.new_code_cell(s.strip("\n"), metadata={"tags": ["parameters"]} if params else {})
+
+
+# ==============================================================================================================
+# UWM
+# ==============================================================================================================
+
+UWM = [
+md('''
+# UWM: unsafe-weight manipulation of CLIP
+
+What this notebook shows, on the built-in **synthetic** safe/unsafe benchmark (labelled synthetic; no weights or
+data are downloaded), with the same library functions as `python -m vlsafe_jax.uwm`:
+
+1. **calibrate, score, select, negate**: the inputs of the target Linear layers (vision `mlp.fc2`, text
+   `self_attn.out_proj`) are captured on paired safe/unsafe inputs, every weight gets the unsafe/safe
+   information-flow ratio `R_io`, the top weights up to the cumulative share `tau` are selected per layer, and
+   their sign is flipped (`alpha = -1`);
+2. the **per-layer score distributions** and the **selected-weight masks** as images;
+3. **SafeGround** (does the safe item win?), Safe-CLIP retrieval and **zero-shot** accuracy before and after;
+4. an **alpha sweep** (call-time masked layers: the weights are not rewritten for each alpha);
+5. **export back to Hugging Face** format, and the round trip checked.
+
+On CPU the parameters below are a reduced smoke setting (a small stage-1 CLIP trained in the notebook, ~a minute).
+On a GPU/TPU with a real CLIP ViT-L/14 change only the parameter cell (e.g.
+`CONFIG = "configs/uwm_clip_l14_visu.py"` and the paths in `OVERRIDES`). The README section "Results on the synthetic
+settings" says what the synthetic edit does and does not show (the text edit moves the metrics the paper's way,
+the vision scores are nearly flat).
+'''),
+code(INSTALL),
+code('''
+# Parameters (CPU / synthetic defaults). On a GPU/TPU only this cell changes, e.g.
+#   CONFIG = "configs/uwm_clip_l14_visu.py"
+#   OVERRIDES = ["model.path=/ckpt/clip-vit-large-patch14", "calib.text_manifest=/data/uwm/text_pairs.jsonl",
+#                "calib.vision_manifest=/data/uwm/image_pairs.jsonl", "data.test_json=/data/visu/test.json",
+#                "data.coco_root=/data/coco", "data.unsafe_root=/data/visu/nsfw", "progress=False"]
+CONFIG = "uwm_synthetic:smoke"     # "uwm_synthetic" = the full synthetic job (its stage-1 CLIP takes minutes on CPU)
+WORKDIR = "runs/notebook_uwm"      # run directory (relative to the notebook's working directory)
+# The smoke preset's stage-1 CLIP (width 32, 2 layers, 6 epochs of 1024 pairs), trained into WORKDIR/stage1 (and
+# reused by a rerun) without the preset's checkpoint every 4 steps, which would cost more than the training here.
+OVERRIDES = [
+    "model.stage1_workdir=runs/notebook_uwm/stage1",
+    "model.stage1_overrides=('clip_model.width=32', 'clip_model.layers=2', 'clip_model.heads=4', "
+    "'clip_model.embed_dim=32', 'data.train_size=1024', 'clip_stage.batch_size=32', 'clip_stage.epochs=6', "
+    "'train.progress=False', 'train.checkpoint_every=1000', 'train.log_every=50')",
+    "progress=False",
+]
+ALPHAS = (1.0, 0.0, -1.0, -2.0)    # the alpha sweep (1 = the unedited model, -1 = UWM's negation)
+SHOW_LAYERS = 4                    # at most this many layers per tower in the score / mask pictures
+''', params=True),
+md('''
+## 1. The configuration and the base CLIP
+
+The same command-line parser as `python -m vlsafe_jax.uwm` (`config.load_cli`), so the printed command reproduces
+this notebook's numbers. The base CLIP is `model.path` (an HF or converted CLIP directory), or, for the synthetic
+benchmark, the stage-1 CLIP trained from scratch on safe and unsafe pairs by the HySAC job's stage-`clip` trainer
+(`jobs.uwm.base_clip_dir`: trained once, then reused).
+'''),
+code('''
+%matplotlib inline
+import shlex
+import time
+from pathlib import Path
+
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+from IPython.display import display
+
+from checkpoints_convert import clip as clip_convert
+from vlsafe_jax import config as config_lib
+from vlsafe_jax import perf
+from vlsafe_jax.data import sources
+from vlsafe_jax.jobs import uwm as uwm_job
+from vlsafe_jax.methods.uwm import masked_model, set_alpha
+from vlsafe_jax.models.clip import CLIP
+
+
+''' + SHOW + '''
+
+
+argv = ["--config", CONFIG, "--workdir", WORKDIR, *OVERRIDES]
+cfg, workdir, _ = config_lib.load_cli(argv, "uwm_synthetic")
+print("devices:", jax.devices())
+print("equivalent command: python -m vlsafe_jax.uwm", shlex.join(argv))
+t0 = time.perf_counter()
+model_dir = uwm_job.base_clip_dir(cfg)
+tok = sources.make_text_encoder(cfg.data, model_dir)
+base = CLIP.from_pretrained(model_dir)
+print(f"base CLIP: {model_dir} ({time.perf_counter() - t0:.1f} s)")
+print("vision:", base.config.vision_config)
+print("text:  ", base.config.text_config)
+'''),
+md('''
+## 2. Calibrate, score, select, negate
+
+`jobs.uwm.compute_edit` is the job's edit stage without its files: it builds the calibration pairs (`calib.*`: here
+the first `calib.n_pairs` quadruplets of the synthetic train split) and calls `methods.uwm.uwm_clip`, text tower
+first, then vision. Each calibration batch is one jitted step (safe forward + unsafe forward + per-feature
+statistics + the rank-1 score accumulators). The result holds the new model (the base is untouched), the boolean
+masks and the scores, keyed by layer path.
+'''),
+code('''
+t0 = time.perf_counter()
+res = uwm_job.compute_edit(cfg, base, tok)
+print(f"calibration + edit: {time.perf_counter() - t0:.1f} s")
+for tower, info in res.info.items():
+    share = 100 * info["selected"] / info["weights"]
+    print(f"{tower:6s}: {info['pairs']} pairs, {info['layers']} layers, tau {info['tau']}, alpha {info['alpha']}: "
+          f"{info['selected']} of {info['weights']} weights selected ({share:.2f}%)")
+'''),
+md('''
+## 3. Per-layer score distributions
+
+Each weight's score is the mean over calibration pairs of (unsafe information flow) / (safe information flow)
+through it. A weight with `R > 1` carries more of the unsafe input than of the safe one. Selection takes the
+highest scores of each layer until they hold the share `tau` of the layer's total score. Selected weights are in
+red (log scale on both axes).
+'''),
+code('''
+def layers_of(tower):
+    return [k for k in res.scores if k.startswith(f"{tower}_model.")][:SHOW_LAYERS]
+
+
+rows = [(t, layers_of(t)) for t in ("text", "vision") if layers_of(t)]
+ncols = max(len(ls) for _, ls in rows)
+fig, axes = plt.subplots(len(rows), ncols, figsize=(3.6 * ncols, 2.9 * len(rows)), squeeze=False)
+for r, (tower, names) in enumerate(rows):
+    for c in range(ncols):
+        ax = axes[r, c]
+        if c >= len(names):
+            ax.axis("off")
+            continue
+        s = np.asarray(res.scores[names[c]], np.float64).ravel()
+        m = np.asarray(res.masks[names[c]]).ravel()
+        bins = np.logspace(np.log10(max(s[s > 0].min(), 1e-12)), np.log10(s.max()), 60)
+        ax.hist(s, bins=bins, color="tab:blue", alpha=0.7, label="all weights")
+        ax.hist(s[m], bins=bins, color="tab:red", alpha=0.9, label=f"selected ({m.sum()})")
+        ax.axvline(np.median(s), color="k", ls=":", lw=1, label=f"median {np.median(s):.2f}")
+        ax.set(xscale="log", yscale="log", title=names[c].replace("_model.encoder.layers.", " L"), xlabel="R_io")
+        ax.legend(fontsize=7)
+fig.suptitle("UWM scores per layer (unsafe / safe information flow)")
+fig.tight_layout()
+show(fig)
+'''),
+md('''
+## 4. The selected weights as images
+
+Each mask is drawn in the PyTorch layout of the layer's weight, rows = output units, columns = input features
+(a dark pixel = a negated weight). Rows or columns that light up as lines are units or features that the unsafe
+inputs use much more than the safe ones.
+'''),
+code('''
+fig, axes = plt.subplots(len(rows), ncols, figsize=(3.6 * ncols, 3.4 * len(rows)), squeeze=False)
+for r, (tower, names) in enumerate(rows):
+    for c in range(ncols):
+        ax = axes[r, c]
+        if c >= len(names):
+            ax.axis("off")
+            continue
+        m = np.asarray(res.masks[names[c]]).T        # Flax (d_in, d_out) -> PyTorch (d_out, d_in)
+        ax.imshow(m, cmap="Greys", interpolation="nearest", aspect="auto")
+        ax.set(title=f"{names[c].replace('_model.encoder.layers.', ' L')}\\n{m.sum()} of {m.size} selected",
+               xlabel="input feature", ylabel="output unit")
+fig.tight_layout()
+show(fig)
+'''),
+md('''
+## 5. SafeGround, retrieval and zero-shot, before and after
+
+`jobs.uwm.evaluate` is the job's evaluation: SafeGround on the test quadruplets (P^t_s ... GS; ties count as
+failures), the Safe-CLIP retrieval columns, and zero-shot accuracy (here the synthetic background split). The table
+is the one `python -m vlsafe_jax.uwm` prints (`jobs.uwm.results_rows`).
+'''),
+code('''
+test = sources.split_source(cfg.data, "test")
+zs_sets = uwm_job.zeroshot_datasets(cfg)
+t0 = time.perf_counter()
+before = uwm_job.evaluate(base, cfg, tok, test, zs_sets)
+after = uwm_job.evaluate(res.model, cfg, tok, test, zs_sets)
+print(f"evaluation: {time.perf_counter() - t0:.1f} s")
+print(perf.format_table(["metric", "before", "after", "delta"], uwm_job.results_rows(before, after)))
+
+keys = list(uwm_job.SG_KEYS) + [f"zero-shot {k}" for k in before.get("zeroshot", {}) if k != "mean"]
+val = lambda r, k: r["zeroshot"][k[len("zero-shot "):]] if k.startswith("zero-shot") else r["safeground"][k]
+x = np.arange(len(keys))
+fig, ax = plt.subplots(figsize=(11, 3.6))
+ax.bar(x - 0.2, [val(before, k) for k in keys], 0.4, label="before", color="tab:gray")
+ax.bar(x + 0.2, [val(after, k) for k in keys], 0.4, label="after UWM", color="tab:red")
+ax.set_xticks(x, keys, rotation=30, ha="right")
+ax.set(ylabel="%", title="SafeGround and zero-shot accuracy, before and after the edit")
+ax.legend()
+show(fig)
+'''),
+md('''
+## 6. The alpha sweep
+
+`methods.uwm.masked_model` wraps the selected layers in `MaskedDense` (the weights stay untouched; the selected
+ones are multiplied by `alpha` at call time), and `set_alpha` changes alpha in place. `alpha = 1` is the unedited
+model, `0` removes the selected weights, `-1` is UWM's negation (it must equal the edited model above: checked).
+'''),
+code('''
+swept = masked_model(base, res.masks)
+sweep = {}
+t0 = time.perf_counter()
+for a in ALPHAS:
+    set_alpha(swept, a)
+    sweep[a] = uwm_job.evaluate(swept, cfg, tok, test, zs_sets)
+print(f"sweep over {len(ALPHAS)} alphas: {time.perf_counter() - t0:.1f} s")
+if -1.0 in sweep:
+    same = uwm_job.flat_metrics(sweep[-1.0]) == uwm_job.flat_metrics(after)
+    print("alpha -1 (call-time masks) equals the edited model's evaluation:", same)
+if 1.0 in sweep:
+    print("alpha 1 equals the base model's evaluation:", uwm_job.flat_metrics(sweep[1.0]) == uwm_job.flat_metrics(before))
+
+curves = {"Txt_s": ("safeground", "Txt_s"), "Img_s": ("safeground", "Img_s"), "GS": ("safeground", "GS"),
+          "T_s-V_s R@10 (safe retrieval)": ("retrieval", ("T_s-V_s", "R@10"))}
+fig, ax = plt.subplots(figsize=(7, 4))
+for label, (group, key) in curves.items():
+    if all(group in sweep[a] for a in ALPHAS):
+        get = (lambda r, key=key: r["retrieval"][key[0]][key[1]]) if group == "retrieval" else (lambda r, key=key: r["safeground"][key])
+        ax.plot(ALPHAS, [get(sweep[a]) for a in ALPHAS], "-o", label=label)
+if all("zeroshot" in sweep[a] for a in ALPHAS):
+    ax.plot(ALPHAS, [sweep[a]["zeroshot"]["mean"] for a in ALPHAS], "-s", color="k", label="zero-shot mean")
+ax.axvline(-1.0, color="tab:red", ls=":", lw=1)
+ax.set(xlabel="alpha (selected weights multiplied by alpha)", ylabel="%", title="UWM alpha sweep")
+ax.invert_xaxis()
+ax.legend(fontsize=8)
+show(fig)
+'''),
+md('''
+## 7. Export back to Hugging Face
+
+`checkpoints_convert.clip.export_hf` writes `config.json` + `model.safetensors` in the HF `CLIPModel` layout (the
+job does the same with `export_hf=True`; `python -m checkpoints_convert export` from a converted directory). The
+exported directory loads back through the HF loader path of `CLIP.from_pretrained`, and gives the same embeddings
+as the edited model in memory (float32 round trips bit-exactly). With torch installed,
+`transformers.CLIPModel.from_pretrained(export_dir)` loads it too.
+'''),
+code('''
+export_dir = clip_convert.export_hf(res.model, Path(workdir) / "hf_export", src=model_dir)
+print(export_dir, sorted(p.name for p in Path(export_dir).iterdir()))
+back = CLIP.from_pretrained(export_dir)
+flat = lambda m: dict(nnx.to_flat_state(nnx.state(m, nnx.Param)))
+want, got = flat(res.model), flat(back)
+same = set(want) == set(got) and all(np.array_equal(np.asarray(want[k].get_value()), np.asarray(got[k].get_value()))
+                                     for k in want)
+print(f"{len(want)} parameter arrays; the exported-and-reloaded CLIP equals the edited one bit for bit: {same}")
+'''),
+md('''
+## What this shows, and how it relates to the command line
+
+`python -m vlsafe_jax.uwm` with the printed arguments runs the same functions (`base_clip_dir`, `compute_edit`
+inside its `edit` stage, `evaluate`, `results_rows`) and prints the same before/after table; it also writes
+`edited_clip/`, `masks.npz` and `eval.json` to the run directory and can resume. On the synthetic benchmark the
+edit is a demonstration, not the paper's evaluation: with this small stage-1 CLIP the numbers move by a few points
+either way, and how much they move depends on the stage-1 CLIP (see the README's UWM results for the full
+synthetic job). With a real CLIP ViT-L/14 and ViSU pairs, the paper reports GS 1.2 -> 4.5 and zero-shot 72.7 -> 61.3
+(Table 10; not measured here).
+'''),
+]
+
+NOTEBOOKS = {"uwm": UWM}
+
+
+def write(name, cells):
+  nb = nbformat.v4.new_notebook(cells=cells, metadata={
+      "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+      "language_info": {"name": "python"}})
+  nbformat.validate(nb)
+  path = REPO / "notebooks" / f"{name}.ipynb"
+  nbformat.write(nb, path)
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  for name in sys.argv[1:] or NOTEBOOKS:
+    write(name, NOTEBOOKS[name])
