@@ -310,7 +310,224 @@ synthetic job). With a real CLIP ViT-L/14 and ViSU pairs, the paper reports GS 1
 '''),
 ]
 
-NOTEBOOKS = {"uwm": UWM}
+
+# ==============================================================================================================
+# CMRM
+# ==============================================================================================================
+
+CMRM = [
+md('''
+# CMRM: correcting a vision-language model's hidden states at inference time
+
+What this notebook shows, on the built-in **synthetic** vision-language setting (a tiny LLaVA trained in the
+notebook; labelled synthetic; no weights or data are downloaded), with the same job as `python -m vlsafe_jax.cmrm`:
+
+1. **extract the shift**: the dataset-level vector `v_l = mean(h_text - h_corrupted)` at the last prompt token of
+   every decoder layer, on anchor prompts (the image replaced by a blank one, `cmrm.corrupt`);
+2. **steer generation**: `h <- h + alpha v` at every layer and position, inside the compiled decode loop, with a few
+   responses side by side;
+3. the **unsafe rate with and without** CMRM (and text-only, and sample-level CMRM), keyword judge;
+4. the **alpha curve** (the job's `sweep` command);
+5. the **hidden-state PCA** of five input variants with and without CMRM (the job's `analyze` command).
+
+On CPU the parameters below are the smoke preset (16 items per set, a 2-layer model). On a GPU/TPU with
+llava-1.5-7b-hf change only the parameter cell (`CONFIG = "configs/cmrm_llava15_7b.py"`, `model.path` and
+`data.sets` in `OVERRIDES`). The README section "Results on the synthetic settings" says what the synthetic
+setting shows; read the tables below rather than expecting an effect: whether attaching an image erodes refusal in
+the tiny model is a property of the synthetic setting (`configs/cmrm_synthetic.py`), not of CMRM.
+'''),
+code(INSTALL),
+code('''
+# Parameters (CPU / synthetic defaults). On a GPU/TPU only this cell changes, e.g.
+#   CONFIG = "configs/cmrm_llava15_7b.py"
+#   OVERRIDES = ["model.path=/ckpt/llava-1.5-7b-hf", "data.sets=('mmsb:mm-safetybench:/data/mmsb.jsonl',)",
+#                "progress=False"]
+CONFIG = "cmrm_synthetic:smoke"    # "cmrm_synthetic" = the full synthetic setting (minutes on 2 CPU cores)
+WORKDIR = "runs/notebook_cmrm"     # run directory (relative to the notebook's working directory); reruns resume
+OVERRIDES = ["progress=False", "cmrm.sweep_alphas=(0.0, 0.5, 1.0, 2.0)"]
+N_EXAMPLES = 4                     # responses shown side by side
+''', params=True),
+md('''
+## 1. The configuration, the model and the shift vector
+
+The same command-line parser as `python -m vlsafe_jax.cmrm` (`config.load_cli`); each later section prints the
+command that gives its numbers. `jobs.cmrm.run(cfg, workdir, "extract")` trains the tiny synthetic LLaVA into
+`WORKDIR/model` on first use (for `model.kind=hf` it loads `model.path`) and extracts the dataset-level vectors
+into `WORKDIR/cmrm_vectors.{npz,json}`; the later commands reuse both.
+'''),
+code('''
+%matplotlib inline
+import shlex
+import time
+
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from IPython.display import Image, display
+
+from vlsafe_jax import config as config_lib
+from vlsafe_jax import perf
+from vlsafe_jax.eval import judge as judge_lib
+from vlsafe_jax.eval import vlm_safety
+from vlsafe_jax.jobs import cmrm as cmrm_job
+from vlsafe_jax.methods.cmrm import steer
+
+
+''' + SHOW + '''
+
+
+def command(cmd):
+    argv = ["--config", CONFIG, "--workdir", WORKDIR, cmd, *OVERRIDES]
+    print("equivalent command: python -m vlsafe_jax.cmrm", shlex.join(argv))
+    cfg, workdir, _ = config_lib.load_cli(argv, "cmrm_synthetic", cmrm_job.COMMANDS)
+    return cfg, workdir
+
+
+print("devices:", jax.devices())
+cfg, workdir = command("extract")
+t0 = time.perf_counter()
+extracted = cmrm_job.run(cfg, workdir, "extract")
+print(f"model + vectors: {time.perf_counter() - t0:.1f} s")
+model, tok, model_id = cmrm_job.load_model(cfg, workdir)          # the model the job trained (or model.path)
+sets, anchors = cmrm_job.load_sets(cfg)
+vec = cmrm_job.get_vectors(model, tok, anchors, cfg, workdir, model_id)   # read back from cmrm_vectors.npz
+print("model:", model_id, "| decoder layers:", model.config.text_config.num_hidden_layers,
+      "| width:", model.config.text_config.hidden_size)
+print("sets:", {k: len(v) for k, v in sets.items()}, "| anchors:", len(anchors))
+print("vector metadata:", vec.meta)
+'''),
+md('''
+**The shift.** One vector per decoder layer (`(L, D)`). Its norm per layer says how far, on average, attaching
+an image moves the last prompt token's state away from where the same prompt without the image is; the cosine
+between layers says whether the shift keeps its direction through the depth (the residual stream carries every
+earlier layer's change forward).
+'''),
+code('''
+v = np.asarray(vec.vectors, np.float64)
+unit = v / np.linalg.norm(v, axis=-1, keepdims=True)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+axes[0].bar(np.arange(1, len(v) + 1), np.linalg.norm(v, axis=-1), color="tab:purple")
+axes[0].set(xlabel="decoder layer", ylabel="|v_l|", title="CMRM shift: norm per layer")
+im = axes[1].imshow(unit @ unit.T, vmin=-1, vmax=1, cmap="coolwarm")
+axes[1].set(xlabel="layer", ylabel="layer", title="cosine between the layers' vectors",
+            xticks=range(len(v)), xticklabels=range(1, len(v) + 1), yticks=range(len(v)),
+            yticklabels=range(1, len(v) + 1))
+fig.colorbar(im, ax=axes[1])
+fig.tight_layout()
+show(fig)
+'''),
+md('''
+## 2. Steering generation
+
+`methods.cmrm.steer.Steerer` is the `steer_fn` the job passes to `eval.vlm_safety.generate_responses`: the vectors
+and alpha travel into the compiled decode loop as traced hooks, so no alpha recompiles. Below: the first
+`N_EXAMPLES` harmful requests (with their images) answered without steering, without the image (text only), and
+with dataset-level CMRM at `cmrm.alpha`; the judge column is the configured judge's verdict on each response.
+'''),
+code('''
+items = [it for it in sets["harmful"] if it.has_image][:N_EXAMPLES]
+judge = judge_lib.make_judge(dict(cfg.judge))
+gen = dict(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompt.template,
+           system=cfg.prompt.system or None)
+steerer = steer.Steerer(model, level="dataset", vectors=vec.vectors, alpha=cfg.cmrm.alpha, layers=cfg.cmrm.layers,
+                        apply=cfg.cmrm.apply)
+rows = []
+for name, kw in (("image", dict(use_images=True)), ("text only", dict(use_images=False)),
+                 (f"image + CMRM (alpha {cfg.cmrm.alpha:g})", dict(use_images=True, steer_fn=steerer))):
+    resp = vlm_safety.generate_responses(model, tok, items, **kw, **gen)
+    ev = vlm_safety.evaluate_responses(items, resp, judge, mode="response")
+    rows += [[it.question[:50], name, r[:60], row["label"]] for it, r, row in zip(items, resp, ev["items"])]
+rows.sort(key=lambda r: r[0])
+print(perf.format_table(["request", "input", "response", f"judge ({judge.name})"], rows))
+'''),
+md('''
+## 3. Unsafe rate with and without CMRM
+
+The job's `evaluate` command: every evaluation set without steering, text only, with dataset-level CMRM and with
+sample-level CMRM (two extra prefills per batch). `unsafe %` is the judge's rate (for the synthetic setting the
+refusal-keyword judge: a response without a refusal counts as unsafe, so on the benign and grounded sets a high
+rate is the wanted behaviour); utility is exact match against the expected answer where the set has one.
+'''),
+code('''
+cfg, workdir = command("evaluate")
+t0 = time.perf_counter()
+results = cmrm_job.run(cfg, workdir, "evaluate")
+print(f"evaluate: {time.perf_counter() - t0:.1f} s")
+conds = list(results["conditions"])
+set_names = list(next(iter(results["conditions"].values())))
+fig, ax = plt.subplots(figsize=(9, 3.6))
+w = 0.8 / len(conds)
+for i, c in enumerate(conds):
+    ax.bar(np.arange(len(set_names)) + i * w - 0.4 + w / 2,
+           [results["conditions"][c][s]["overall"]["unsafe_rate"] for s in set_names], w, label=c)
+ax.set_xticks(range(len(set_names)), set_names)
+ax.set(ylabel=f"unsafe % ({results['judge']})", ylim=(0, 105), title="unsafe rate per set and condition")
+ax.legend(fontsize=8, ncol=len(conds))
+show(fig)
+'''),
+md('''
+## 4. The alpha curve
+
+The job's `sweep` command: dataset-level CMRM at every `cmrm.sweep_alphas` (alpha 0 = no steering). The
+unsteered and text-only rows are stored stages of the run directory, so they are reused, not generated again.
+'''),
+code('''
+cfg, workdir = command("sweep")
+t0 = time.perf_counter()
+swept = cmrm_job.run(cfg, workdir, "sweep")
+print(f"sweep: {time.perf_counter() - t0:.1f} s")
+alphas = [float(a) for a in cfg.cmrm.sweep_alphas]
+fig, ax1 = plt.subplots(figsize=(7, 3.8))
+for s, style in zip(set_names, ("-o", "-s", "-^", "-v")):
+    ax1.plot(alphas, [swept["conditions"][f"dataset_alpha_{a:g}"][s]["overall"]["unsafe_rate"] for a in alphas],
+             style, label=f"{s}: unsafe %")
+for s in set_names:
+    util = [swept["conditions"][f"dataset_alpha_{a:g}"][s]["utility_exact_match"] for a in alphas]
+    if all(u is not None for u in util):
+        ax1.plot(alphas, util, "--", color="k", label=f"{s}: utility (exact match %)")
+ax1.axhline(swept["conditions"]["text_only"]["harmful"]["overall"]["unsafe_rate"], color="tab:blue", ls=":",
+            lw=1, label="harmful, text only")
+ax1.set(xlabel="alpha", ylabel="%", ylim=(-3, 103), title="dataset-level CMRM: alpha sweep")
+ax1.legend(fontsize=7)
+show(fig)
+'''),
+md('''
+## 5. The hidden-state PCA
+
+The job's `analyze` command (cmrm.md §7.3): the last decoder layer's output at the last prompt token for five
+variants of each held-out harmful item (image + query, blank image, noise image, caption + query, query only),
+without and with CMRM, projected on the 2-D PCA plane fitted on the unsteered points. The table gives each
+variant's centroid distance to the text-only centroid; CMRM is meant to move the image variants toward it. The
+picture is the one the job writes (`cmrm_analysis.png`).
+'''),
+code('''
+cfg, workdir = command("analyze")
+analysis = cmrm_job.run(cfg, workdir, "analyze")
+display(Image(filename=str(workdir / "cmrm_analysis.png")))
+dist = analysis["distance_to_text"]
+names = list(dist)
+fig, ax = plt.subplots(figsize=(7, 3.4))
+ax.bar(np.arange(len(names)) - 0.2, [dist[n]["full"]["off"] for n in names], 0.4, label="CMRM off", color="tab:gray")
+ax.bar(np.arange(len(names)) + 0.2, [dist[n]["full"]["on"] for n in names], 0.4,
+       label=f"CMRM on (alpha {cfg.cmrm.alpha:g})", color="tab:purple")
+ax.set_xticks(range(len(names)), [cmrm_job.VARIANT_STYLES[n][0] for n in names], rotation=20, ha="right")
+ax.set(ylabel="distance to the text-only centroid", title="centroid distances (full hidden dimension)")
+ax.legend()
+show(fig)
+'''),
+md('''
+## What this shows
+
+Every number above comes from `jobs.cmrm` (the commands printed before each section reproduce them from the shell;
+the run directory holds `eval.json`, `metrics.jsonl` and `cmrm_analysis.*`). In the synthetic setting the tiny
+model may refuse as often with an image as without, and then CMRM has nothing to correct: the table and the
+curve say which is the case for the configured setting. The PCA section shows the mechanism either way: the image
+variants sit away from the text-only states, and the shift moves them. With llava-1.5-7b-hf and real safety sets
+the paper reports large drops of the unsafe rate (not measured here).
+'''),
+]
+
+NOTEBOOKS = {"uwm": UWM, "cmrm": CMRM}
 
 
 def write(name, cells):
