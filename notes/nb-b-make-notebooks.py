@@ -527,7 +527,197 @@ the paper reports large drops of the unsafe rate (not measured here).
 '''),
 ]
 
-NOTEBOOKS = {"uwm": UWM, "cmrm": CMRM}
+# ==============================================================================================================
+# TGA
+# ==============================================================================================================
+
+TGA = [
+md('''
+# TGA: text-guided alignment of a vision-language model
+
+What this notebook shows, on the built-in **synthetic** TGA setting (a tiny LLaVA whose language model was first
+aligned on text only, including refusals of hazard descriptions; labelled synthetic; nothing is downloaded), with
+the same job as `python -m vlsafe_jax.train --config configs/tga_synthetic.py`:
+
+1. training from a text-aligned base: **TGA** (each image's retrieved text, the alignment and pair-wise terms on
+   the hidden states of the configured layers) and, with `variants=('tga', 'plain')` in the parameter cell, **plain**
+   LLaVA alignment from the same base (the baseline; left out of the CPU defaults for time);
+2. the **alignment terms during training** (raw alignment / pair-wise losses, the language-model loss, and the
+   image-caption hidden-state cosine per layer);
+3. the **logit-lens curves**: per decoder layer, the rank of the refusal tokens for an image of a hazard vs the
+   same scene described in text, and the cosine between image-token and description-token states;
+4. the **defense success rate (DSR)** on unseen hazard images, before (the base model) and after training.
+
+**Reduced setting.** The full synthetic setting (`configs/tga_synthetic.py`, ~6 min on 2 CPU cores) does not fit
+the notebook's CPU budget, so the defaults below are the smoke preset (a 3-layer, width-32 model) with more steps
+than the preset's 4, and TGA only (each variant's train steps take ~30 s to compile on 2 CPU cores): a pipeline
+demonstration, whose DSR and held-out loss are not the README's numbers. On a
+GPU/TPU change only the parameter cell: `CONFIG = "configs/tga_synthetic.py"` with `OVERRIDES = []` for the full
+synthetic setting, or `CONFIG = "configs/tga_llava_mistral7b.py"` with `model.path` and the `data.*` paths.
+'''),
+code(INSTALL),
+code('''
+# Parameters (CPU / synthetic defaults). On a GPU/TPU only this cell changes, e.g.
+#   CONFIG = "configs/tga_llava_mistral7b.py"; GLOBAL_BATCH = 0
+#   OVERRIDES = ["model.path=/ckpt/llava-mistral-7b-stage0", "data.pretrain_json=/data/tga/pretrain.json",
+#                "data.finetune_json=/data/tga/finetune.json", "data.image_folder=/data/tga/images",
+#                "data.toxic_manifest=/data/tga/toxic.jsonl", "analysis.manifest=/data/tga/lens.jsonl"]
+CONFIG = "tga_synthetic:smoke"     # "tga_synthetic" = the full synthetic setting (~6 min on 2 CPU cores)
+WORKDIR = "runs/notebook_tga"      # run directory (relative to the notebook's working directory); reruns resume
+OVERRIDES = [                      # the reduced setting: more steps than the smoke preset, still seconds per stage
+    "base.steps=100", "base.batch_size=16", "data.train_size=64", "data.eval_size=16",
+    "tga.pretrain.steps=6", "tga.finetune.steps=30", "tga.finetune.grad_accum=1",
+    "train.log_every=2", "train.checkpoint_every=1000", "train.progress=False",
+    "variants=('tga',)",           # ('tga', 'plain') adds the plain-alignment baseline (~30 s more compilation on CPU)
+]
+GLOBAL_BATCH = 8                   # rows per step over all devices (0 = the config's batch_size_per_device)
+'''.replace("\n    \n", "\n"), params=True),
+md('''
+## 1. Training: the base, then the variants
+
+The cell builds the command line of `python -m vlsafe_jax.train` (printed) and calls the job it runs,
+`jobs.tga.run`: the text-aligned base is trained once into `WORKDIR/base`, then each variant runs stage 1
+(projector) and stage 2 (projector + decoder) from it, is saved to `WORKDIR/final/<variant>` and evaluated
+(`eval.json`: held-out loss and token accuracy, DSR per hazard category with the keyword judge). The batch per
+device is `GLOBAL_BATCH` split over the data devices, so the run matches the command on the same device count.
+'''),
+code('''
+%matplotlib inline
+import json
+import shlex
+import time
+from pathlib import Path
+
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from IPython.display import display
+
+from vlsafe_jax import config as config_lib
+from vlsafe_jax.jobs import tga as tga_job
+from vlsafe_jax.train import common
+
+
+''' + SHOW + '''
+
+
+argv = ["--config", CONFIG, "--workdir", WORKDIR, *OVERRIDES]
+cfg, workdir, _ = config_lib.load_cli(argv, "tga_synthetic")
+if GLOBAL_BATCH:
+    n_batch_devices = jax.device_count() // (cfg.mesh.model * max(cfg.mesh.fsdp, 1)) if cfg.mesh.data == -1 \\
+        else cfg.mesh.data * max(cfg.mesh.fsdp, 1)
+    per_device = max(GLOBAL_BATCH // n_batch_devices, 1)
+    argv += [f"tga.{s}.batch_size_per_device={per_device}" for s in cfg.stages]
+    cfg, workdir, _ = config_lib.load_cli(argv, "tga_synthetic")
+print("devices:", jax.devices())
+print("equivalent command: python -m vlsafe_jax.train", shlex.join(argv))
+t0 = time.perf_counter()
+results = tga_job.run(cfg, workdir)
+print(f"base + {len(cfg.variants)} variants x {len(cfg.stages)} stages + evaluation: {time.perf_counter() - t0:.1f} s")
+'''),
+md('''
+## 2. The alignment terms during training
+
+From the run's `metrics.jsonl` (one record every `train.log_every` steps, keyed `<variant>_<stage>`): the raw
+alignment and pair-wise losses (before their weights; TGA trains on them, plain alignment only logs them), the
+language-model loss, and the mean over the configured layers of the cosine between image-token states and the
+caption's states (`cos_vc`).
+'''),
+code('''
+recs = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+runs = {}
+for r in recs:
+    if "align_raw" in r:
+        runs.setdefault(r["stage"], []).append(r)
+panels = [("align_raw", "alignment term (raw)"), ("pairwise_raw", "pair-wise term (raw)"), ("ce", "LM loss (CE)"),
+          ("cos_vc", "cos(image tokens, caption), mean over layers")]
+fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+offset = {}
+for name, rs in runs.items():
+    variant, stage = name.split("_", 1)
+    x0 = offset.get(variant, 0)
+    steps = np.array([r["step"] for r in rs]) + x0
+    offset[variant] = steps.max() if len(steps) else x0
+    for ax, (key, title) in zip(axes, panels):
+        if key == "cos_vc":
+            ks = sorted(k for k in rs[0] if k.startswith("cos_vc_l"))
+            y = [np.mean([r[k] for k in ks]) for r in rs]
+        else:
+            y = [r[key] for r in rs]
+        ax.plot(steps, y, "-" if variant == "tga" else "--", label=name, color="tab:red" if variant == "tga" else "tab:gray",
+                alpha=0.55 if stage == "pretrain" else 1.0)
+        ax.set(title=title, xlabel="step (stage 1, then stage 2)")
+axes[0].legend(fontsize=7)
+fig.tight_layout()
+show(fig)
+'''),
+md('''
+## 3. The logit lens
+
+`jobs.tga.analyze` (= `python -m vlsafe_jax.tga analyze`, printed below): for each unseen hazard image, the
+refusal-token rank at every decoder layer (the hidden state read out through the final norm and the LM head) when
+the model sees the image, and when it reads the scene's description instead; and the cosine between the
+image-token states and the description-token states. A model whose image states are aligned with text should
+rank refusal as high for the image as for the description. Before = the text-aligned base.
+'''),
+code('''
+models = {"base (before)": workdir / "base", **{v: workdir / "final" / v for v in cfg.variants}}
+lens = {}
+for name, path in models.items():
+    print(f"--- {name}: python -m vlsafe_jax.tga analyze", shlex.join(["--config", CONFIG, "--workdir", WORKDIR,
+          "--model", str(path), *argv[4:]]))
+    lens[name] = tga_job.analyze(cfg, workdir, str(path), name.split()[0])
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+colours = dict(zip(models, ("tab:gray", "tab:red", "tab:blue", "tab:green")))
+for name, res in lens.items():
+    axes[0].plot(res["layers"], res["image"]["mean_rank"], "-o", color=colours[name], label=f"{name}: image")
+    axes[0].plot(res["layers"], res["text"]["mean_rank"], ":s", color=colours[name], label=f"{name}: description")
+    axes[1].plot(res["layers"], res["cosine"], "-o", color=colours[name], label=name)
+axes[0].set(xlabel="decoder layer", ylabel="refusal-token rank (mean; 0 = top)", yscale="symlog",
+            title="logit lens: refusal rank")
+axes[1].set(xlabel="decoder layer", ylabel="cosine", title="image-token vs description-token states")
+for a in axes:
+    a.legend(fontsize=7)
+fig.tight_layout()
+show(fig)
+'''),
+md('''
+## 4. DSR before and after
+
+The defense success rate (share of responses that refuse, keyword judge) on the unseen hazard images, per category
+and overall: the base model evaluated by the job's own `jobs.tga.evaluate_variant` (before), and each trained
+variant as stored in `eval.json` by the job (after). Held-out loss and token accuracy measure what the training
+costs in general ability.
+'''),
+code('''
+setting = tga_job.load_setting(cfg, common.make_mesh(cfg), workdir)     # the cached base model and the eval sets
+table = {"base (before)": tga_job.evaluate_variant(cfg, setting, setting["model"], "base"), **results}
+print(tga_job.format_results(table))
+cats = sorted(next(iter(table.values()))["safety"]["per_category"])
+fig, ax = plt.subplots(figsize=(10, 3.6))
+w = 0.8 / len(table)
+for i, (name, r) in enumerate(table.items()):
+    vals = [r["safety"]["per_category"][c]["defense_success_rate"] for c in cats] + \\
+           [r["safety"]["overall"]["defense_success_rate"]]
+    ax.bar(np.arange(len(cats) + 1) + i * w - 0.4 + w / 2, vals, w, label=name)
+ax.set_xticks(range(len(cats) + 1), cats + ["overall"], rotation=20, ha="right")
+ax.set(ylabel="DSR %", ylim=(0, 105), title="defense success rate on unseen hazard images")
+ax.legend()
+show(fig)
+'''),
+md('''
+## What this shows
+
+The job trains and evaluates exactly as `python -m vlsafe_jax.train` with the printed command (the run directory
+keeps `metrics.jsonl`, `final/<variant>`, `eval.json`, `analysis/`). In this reduced setting the numbers
+demonstrate the pipeline only. On the full synthetic setting the README reports that TGA raises the image-caption
+hidden-state cosine (layer 3: 0.96 vs 0.53 for plain training) while the DSR on unseen hazard images stays 0% for
+both: the alignment is learnt, the refusal does not transfer. The paper's DSR gains are for LLaVA with a Mistral-7B
+decoder on real data (not measured here).
+'''),
+]
+
+NOTEBOOKS = {"uwm": UWM, "cmrm": CMRM, "tga": TGA}
 
 
 def write(name, cells):
