@@ -218,7 +218,8 @@ show(fig)
 md('''
 ## 5. SafeGround, retrieval and zero-shot, before and after
 
-`jobs.uwm.evaluate` is the job's evaluation: SafeGround on the test quadruplets (P^t_s ... GS; ties count as
+`jobs.uwm.evaluate` is the job's evaluation (of the base model, and of the edited one saved to and read back from
+`WORKDIR/edited_clip`, as the job does): SafeGround on the test quadruplets (P^t_s ... GS; ties count as
 failures), the Safe-CLIP retrieval columns, and zero-shot accuracy (here the synthetic background split). The table
 is the one `python -m vlsafe_jax.uwm` prints (`jobs.uwm.results_rows`).
 '''),
@@ -226,8 +227,11 @@ code('''
 test = sources.split_source(cfg.data, "test")
 zs_sets = uwm_job.zeroshot_datasets(cfg)
 t0 = time.perf_counter()
+# As the job does: the edited model is saved as a converted CLIP directory and evaluated as read back from it.
+edited_dir = clip_convert.save_converted(res.model, Path(workdir) / "edited_clip", src=model_dir)
+edited = CLIP.from_pretrained(edited_dir)
 before = uwm_job.evaluate(base, cfg, tok, test, zs_sets)
-after = uwm_job.evaluate(res.model, cfg, tok, test, zs_sets)
+after = uwm_job.evaluate(edited, cfg, tok, test, zs_sets)
 print(f"evaluation: {time.perf_counter() - t0:.1f} s")
 print(perf.format_table(["metric", "before", "after", "delta"], uwm_job.results_rows(before, after)))
 
