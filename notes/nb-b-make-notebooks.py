@@ -691,7 +691,9 @@ md('''
 The defense success rate (share of responses that refuse, keyword judge) on the unseen hazard images, per category
 and overall: the base model evaluated by the job's own `jobs.tga.evaluate_variant` (before), and each trained
 variant as stored in `eval.json` by the job (after). Held-out loss and token accuracy measure what the training
-costs in general ability.
+costs in general ability. Read "before" with care: the base was aligned on text only, so its projector is still at
+its random initialisation and its image tokens carry no scene; its refusals on hazard images do not show that it
+recognises the hazard (the held-out loss and token accuracy say how little it sees).
 '''),
 code('''
 setting = tga_job.load_setting(cfg, common.make_mesh(cfg), workdir)     # the cached base model and the eval sets
