@@ -70,3 +70,38 @@ def test_kill_at_a_stage_boundary_and_resume_equals_uninterrupted(cfg, tmp_path,
   capsys.readouterr()
   assert uwm_job.run(cfg, run) == json.loads((run / "eval.json").read_text())
   assert "is finished" in capsys.readouterr().out
+
+
+@pytest.mark.slow   # 21-33 s on the shared 2-core host (a job run + a second edit + two evaluations)
+def test_compute_edit_equals_the_stored_edit_and_evaluation_compiles_once(cfg, tmp_path):
+  """``jobs.uwm.compute_edit`` (what the notebooks call to get the scores) gives the masks and weights the job
+  stores; evaluating two CLIPs of one structure (base, edited) reuses one compiled encoder."""
+  import numpy as np
+
+  from vlsafe_jax.data import sources
+  from vlsafe_jax.eval import zeroshot
+  uwm_job.run(cfg, tmp_path / "run")
+  base_dir = Path(cfg.model.path)
+  tok = sources.make_text_encoder(cfg.data, base_dir)
+  base = CLIP.from_pretrained(base_dir)
+  res = uwm_job.compute_edit(cfg, base, tok)
+  stored = np.load(tmp_path / "run" / "masks.npz")
+  assert sorted(stored.files) == sorted(res.masks) == sorted(res.scores)
+  for k, m in res.masks.items():
+    np.testing.assert_array_equal(stored[k], np.asarray(m), err_msg=k)
+  assert sum(int(np.sum(m)) for m in res.masks.values()) > 0
+  flat = lambda m: {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  want, got = flat(CLIP.from_pretrained(tmp_path / "run" / "edited_clip")), flat(res.model)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(want[k], got[k], err_msg=str(k))
+
+  uwm_job._encode_quadruplets.clear_cache()
+  zeroshot._clip_image.clear_cache()
+  test, zs = sources.split_source(cfg.data, "test"), uwm_job.zeroshot_datasets(cfg)
+  before = uwm_job.evaluate(base, cfg, tok, test, zs)
+  # as in the job: the edited model read back from edited_clip/ (res.model's arrays are replicated over the
+  # calibration mesh, another input sharding and so another compilation)
+  after = uwm_job.evaluate(CLIP.from_pretrained(tmp_path / "run" / "edited_clip"), cfg, tok, test, zs)
+  assert uwm_job._encode_quadruplets._cache_size() == 1 and zeroshot._clip_image._cache_size() == 1
+  assert before != after     # the same program ran with the edited weights, not the base ones

@@ -9,6 +9,7 @@ Data sources (random access, items ``{"image": uint8 (H, W, 3) | path, "label": 
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -158,13 +159,24 @@ class ZeroShotEvaluator:
     return out
 
 
+# Module level, graphdef static: evaluators of models with the same structure (before / after an edit, every alpha of
+# a sweep) reuse the compiled encoders instead of compiling fresh closures.
+@functools.partial(jax.jit, static_argnums=0)
+def _clip_image(graphdef, state, x):
+  return nnx.merge(graphdef, state).encode_image(x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _clip_text(graphdef, state, ids, mask):
+  return nnx.merge(graphdef, state).encode_text(ids, mask)
+
+
 def clip_evaluator(model, tokenizer, image_size: int, batch_size: int = 256) -> ZeroShotEvaluator:
-  """A :class:`ZeroShotEvaluator` over a ``vlsafe_jax.models.clip.CLIP`` (jitted encoders)."""
+  """A :class:`ZeroShotEvaluator` over a ``vlsafe_jax.models.clip.CLIP`` (jitted encoders; the model's weights
+  as they are now)."""
   graphdef, state = nnx.split(model)
-  img = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))
-  txt = jax.jit(lambda s, i, m: nnx.merge(graphdef, s).encode_text(i, m))
-  return ZeroShotEvaluator(lambda x: img(state, x), lambda i, m: txt(state, i, m), tokenizer, image_size,
-                           batch_size)
+  return ZeroShotEvaluator(lambda x: _clip_image(graphdef, state, x), lambda i, m: _clip_text(graphdef, state, i, m),
+                           tokenizer, image_size, batch_size)
 
 
 __all__ = [

@@ -19,6 +19,7 @@ evaluates exactly what an uninterrupted one does. A finished run prints its resu
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -95,16 +96,20 @@ def pair_factories(srcs, transform, cfg) -> tuple[dict[str, Callable], dict[str,
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation
 
+# Module level, graphdef static: models of the same structure (the base and the edited CLIP, a MaskedDense model at
+# every alpha of a sweep) share one compiled program instead of compiling a fresh closure per call.
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_quadruplets(graphdef, state, b):
+  m = nnx.merge(graphdef, state)
+  return (m.encode_text(b["safe_ids"], b["safe_mask"]), m.encode_text(b["unsafe_ids"], b["unsafe_mask"]),
+          m.encode_image(b["safe_image"]), m.encode_image(b["unsafe_image"]))
+
+
 def embed_quadruplets(model, source, transform, batch_size: int) -> dict[str, np.ndarray]:
-  """``{"TS", "TU", "IS", "IU"}`` projected embeddings ``(N, P)`` of a quadruplet split (one compilation)."""
+  """``{"TS", "TU", "IS", "IU"}`` projected embeddings ``(N, P)`` of a quadruplet split (one compilation per
+  model structure and batch size)."""
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def enc(state, b):
-    m = nnx.merge(graphdef, state)
-    return (m.encode_text(b["safe_ids"], b["safe_mask"]), m.encode_text(b["unsafe_ids"], b["unsafe_mask"]),
-            m.encode_image(b["safe_image"]), m.encode_image(b["unsafe_image"]))
-
+  enc = functools.partial(_encode_quadruplets, graphdef)
   outs = {k: [] for k in ("TS", "TU", "IS", "IU")}
   keys = ("safe_ids", "safe_mask", "unsafe_ids", "unsafe_mask", "safe_image", "unsafe_image")
   for b in sources.batches(source, transform, batch_size):
@@ -192,21 +197,29 @@ def print_results(out: dict[str, Any], workdir: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # The job
 
-def edit_stage(cfg, model, tok, model_dir: Path, workdir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """Calibrates and edits ``model``; writes ``edited_clip/`` and ``masks.npz``; returns (result, records)."""
+def compute_edit(cfg, model, tok) -> cal.UWMResult:
+  """The edit of stage ``edit`` without its files: calibration pairs [calib.*], then ``cfg.method`` on ``model``
+  (text tower first, then vision). Returns the :class:`~vlsafe_jax.methods.uwm.calibrate.UWMResult`: the new
+  model (``model`` is untouched), ``masks`` and ``scores`` ``{layer_path: (d_in, d_out)}`` in Flax layout, per-tower
+  info. The notebooks call this to plot the scores the job does not store."""
   transform = QuadrupletTransform(tok, image_size=cfg.data.image_size)
   srcs = sources.calibration_sources(cfg.data, cfg.calib, cfg.towers)
-  fac, totals = pair_factories(srcs, transform, cfg)
-  t_edit = time.perf_counter()
   if cfg.method == "uwm":
-    res = cal.uwm_clip(model, fac, uwm_config(cfg.uwm), progress=cfg.progress, totals=totals)
-  else:
-    if cfg.data.kind != "synthetic" and not cfg.data.train_json:
-      raise ValueError(f"method={cfg.method!r} needs quadruplets (image and text of both sides): use the "
-                       f"synthetic data or data.train_json (ViSU)")
-    quad = {t: (lambda src=src, bs=cfg.calib.baseline_batch_size: sources.batches(src, transform, bs))
-            for t, src in srcs.items()}
-    res = baselines.baseline_clip(model, quad, cfg.method, uwm_config(cfg.uwm), progress=cfg.progress)
+    fac, totals = pair_factories(srcs, transform, cfg)
+    return cal.uwm_clip(model, fac, uwm_config(cfg.uwm), progress=cfg.progress, totals=totals)
+  if cfg.data.kind != "synthetic" and not cfg.data.train_json:
+    raise ValueError(f"method={cfg.method!r} needs quadruplets (image and text of both sides): use the "
+                     f"synthetic data or data.train_json (ViSU)")
+  quad = {t: (lambda src=src, bs=cfg.calib.baseline_batch_size: sources.batches(src, transform, bs))
+          for t, src in srcs.items()}
+  return baselines.baseline_clip(model, quad, cfg.method, uwm_config(cfg.uwm), progress=cfg.progress)
+
+
+def edit_stage(cfg, model, tok, model_dir: Path, workdir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Calibrates and edits ``model`` (:func:`compute_edit`); writes ``edited_clip/`` and ``masks.npz``; returns
+  (result, records)."""
+  t_edit = time.perf_counter()
+  res = compute_edit(cfg, model, tok)
   edit_s = time.perf_counter() - t_edit
   convert.save_converted(res.model, workdir / "edited_clip", src=model_dir)
   np.savez_compressed(workdir / "masks.npz", **{k: np.asarray(v) for k, v in res.masks.items()})
@@ -257,4 +270,4 @@ def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
 
 
 __all__ = ["SG_KEYS", "RET_COLUMNS", "STAGES", "uwm_config", "base_clip_dir", "pair_factories", "embed_quadruplets",
-           "zeroshot_datasets", "evaluate", "flat_metrics", "results_rows", "print_results", "edit_stage", "run"]
+           "zeroshot_datasets", "evaluate", "flat_metrics", "results_rows", "print_results", "compute_edit", "edit_stage", "run"]
