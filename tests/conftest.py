@@ -91,6 +91,9 @@ LONG_FIRST = {
     "multihost": 300,          # tests/multihost: module fixture (3 processes) + 7 tests, measured 2026-12-03
     "hysac_smoke_run": 440,    # 270 + the HySAC notebook (tests/notebooks, same group: shared XLA cache), 2026-12-03
     "tests/notebooks/test_notebooks.py::test_notebook_executes[real_checkpoints]": 145,
+    "tests/notebooks/test_notebooks.py::test_notebook_executes[uwm]": 100,
+    "tests/notebooks/test_notebooks.py::test_notebook_executes[tga]": 95,
+    "tests/notebooks/test_notebooks.py::test_notebook_executes[cmrm]": 90,   # uwm/tga/cmrm: ~83 s of CPU each, 2026-12-03
     "faults": 245,             # tests/train/test_faults.py: reference runs + 12 kills + 8->4->1 devices
     "tests/methods/test_uwm_e2e.py::test_uwm_smoke_run_on_synthetic_benchmark": 163,
     "tests/bench/test_suite.py::test_cpu_smoke_suite_end_to_end": 116,
