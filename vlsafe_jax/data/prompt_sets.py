@@ -51,8 +51,9 @@ def _resolve(image, root: Path | None):
   return str(p if p.is_absolute() or root is None else root / p)
 
 
-def _rows_json(path: Path) -> list[dict]:
-  """A JSON list or JSONL file -> list of dicts (error names the file and line)."""
+def read_json_rows(path: str | os.PathLike) -> list[dict]:
+  """A JSON list or JSONL file -> list of dicts (errors name the file, and the line or item)."""
+  path = Path(path)
   text = path.read_text(encoding="utf-8")
   stripped = text.lstrip()
   if stripped.startswith("["):
@@ -90,7 +91,7 @@ def read_jsonl(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
     raise FileNotFoundError(f"prompt manifest {path} does not exist")
   root = Path(image_root) if image_root else path.parent
   items = []
-  for i, r in enumerate(_rows_json(path)):
+  for i, r in enumerate(read_json_rows(path)):
     q = _pick(r, ("question", "prompt"))
     if q is None:
       q = default_question
@@ -112,7 +113,7 @@ def read_vlsafe(path: str | os.PathLike, *, image_root: str | os.PathLike | None
     raise FileNotFoundError(f"VLSafe file {path} does not exist")
   root = Path(image_root) if image_root else path.parent
   items = []
-  for i, r in enumerate(_rows_json(path)):
+  for i, r in enumerate(read_json_rows(path)):
     q = _pick(r, ("query", "question", "instruction", "prompt"))
     if q is None or not str(q).strip():
       raise ValueError(f"{path}: item {i} has none of the question keys query/question/instruction/prompt")
@@ -135,7 +136,7 @@ def read_jailbreakllms(path: str | os.PathLike, *, image_root: str | os.PathLike
     with path.open(newline="", encoding="utf-8") as f:
       rows = list(csv.DictReader(f))
   else:
-    rows = _rows_json(path)
+    rows = read_json_rows(path)
   items = []
   for i, r in enumerate(rows):
     q = _pick(r, ("question", "prompt"))
@@ -184,4 +185,4 @@ def write_jsonl(items: Sequence[SafetyItem], path: str | os.PathLike) -> Path:
 
 
 __all__ = ["SafetyItem", "read_jsonl", "read_vlsafe", "read_jailbreakllms", "read_prompt_set", "READERS",
-           "write_jsonl"]
+           "read_json_rows", "write_jsonl"]

@@ -8,7 +8,6 @@ A row is a LLaVA-format dict: ``{"id", "image"?, "image_caption"?, "retrieved_ca
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vlsafe_jax.data import images as images_lib
+from vlsafe_jax.data import prompt_sets
 from vlsafe_jax.data import tga_prompt
 
 
@@ -80,16 +80,11 @@ def file_image_fn(image_folder: str | Path, size: int, *, pad_square: bool):
 
 
 def read_rows(path: str | Path) -> list[dict]:
-  """A LLaVA JSON list (or JSONL) of rows; errors name the file."""
+  """A LLaVA JSON list (or JSONL) of rows, at least one; errors name the file."""
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"TGA data file {path} does not exist")
-  text = path.read_text(encoding="utf-8")
-  try:
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines()
-                                                                   if l.strip()]
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: invalid JSON ({e})") from e
+  rows = prompt_sets.read_json_rows(path)
   if not rows:
     raise ValueError(f"{path}: no rows")
   return rows
