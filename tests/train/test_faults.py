@@ -159,8 +159,13 @@ def test_resume_on_8_then_4_then_1_devices(harness, reference, tmp_path):
 # relative rounding change into a visible change of its update (measured: 1.25e-6 absolute on one of 256
 # elements after 2+1+1 steps, 1.08 x the clip stage's tolerance). 1e-5 absolute is 1/500 of one AdamW step of this
 # stage (lr 5e-3 moves a weight by up to ~5e-3 per step), so a resume that repeats, drops or reorders a step, or
-# restores the wrong batch or dropout key, moves weights by O(lr) and still fails.
+# restores the wrong batch or dropout key, moves weights by O(lr) and still fails. The logged loss terms get 1e-4
+# relative: the entailment terms (arccos / aperture near their hinges) amplify rounding to ~2e-5 relative (measured
+# 1.3e-5 absolute on entail_i_tu = 0.587 at step 4), while a step on another batch changes them by percents (6%
+# between steps 3 and 4 of the reference). The multi-device results vary between runs at the 1e-6 level (the
+# clip-stage weight ratio was 1.08 and 1.45 in two runs), hence no tighter bound.
 HYSAC_DEVICE_RTOL, HYSAC_DEVICE_ATOL = 1e-5, 1e-5
+HYSAC_METRICS_RTOL = 1e-4
 
 
 def _worst(ref: dict, got: dict, rtol: float, atol: float) -> float:
@@ -193,11 +198,13 @@ def test_hysac_resume_on_8_then_4_then_1_devices(harness, reference, tmp_path):
   assert [a.keys() for a in ref] == [b.keys() for b in got]
   floats = lambda rows: {f"{r['step']}/{k}": np.float64(v) for r in rows for k, v in r.items() if isinstance(v, float)}
   tol = dict(rtol=HYSAC_DEVICE_RTOL, atol=HYSAC_DEVICE_ATOL)
+  mtol = dict(rtol=HYSAC_METRICS_RTOL, atol=HYSAC_DEVICE_ATOL)
   print(f"\nHySAC 8 -> 4 -> 1 devices vs 1 device, largest difference / tolerance: weights "
-        f"{_worst(ref_w, got_w, **tol):.3f}, logged metrics {_worst(floats(ref), floats(got), **tol):.3f}; clip-stage "
-        f"tolerance: weights {_worst(ref_w, got_w, rtol=DEVICE_RTOL, atol=DEVICE_ATOL):.3f}")
+        f"{_worst(ref_w, got_w, **tol):.3f}, logged metrics {_worst(floats(ref), floats(got), **mtol):.3f}; with the "
+        f"clip stage's tolerance: weights {_worst(ref_w, got_w, rtol=DEVICE_RTOL, atol=DEVICE_ATOL):.3f}, metrics "
+        f"{_worst(floats(ref), floats(got), rtol=DEVICE_RTOL, atol=DEVICE_ATOL):.3f}")
   _assert_tree_equal(ref_w, got_w, **tol)
-  _assert_tree_equal(floats(ref), floats(got), **tol)
+  _assert_tree_equal(floats(ref), floats(got), **mtol)
   for a, b in zip(ref, got):
     assert {k: v for k, v in a.items() if not isinstance(v, float)} == \
         {k: v for k, v in b.items() if not isinstance(v, float)}, a["step"]
