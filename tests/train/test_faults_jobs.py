@@ -53,7 +53,9 @@ JOBS = {
                                  "cmrm.corrupt=noise")),
 }
 # The injected kill of each job (faults_sitecustomize.py).
-FAULTS = {"tga": "checkpoint_commit:3", "uwm": "metrics_append:2", "cmrm": "metrics_append:5"}
+# UWM: appends 1-4 are the stage-1 CLIP's (its own metrics.jsonl), 5-6 the edit records (text, vision);
+# CMRM: 1 is the synthetic model's (model/run/), 2 the vectors record, 3-5 the unsteered condition's three sets.
+FAULTS = {"tga": "checkpoint_commit:3", "uwm": "metrics_append:6", "cmrm": "metrics_append:5"}
 
 
 def _weights(workdir: Path, job: str) -> dict[str, np.ndarray]:
