@@ -50,7 +50,8 @@ class Harness:
     Path(workdir).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as out:
-      p = subprocess.Popen([sys.executable, "-m", self.module, *(a.replace("{workdir}", str(workdir)) for a in self.args), "--workdir", str(workdir), *extra],
+      args = [a.replace("{workdir}", str(workdir)) for a in self.args]
+      p = subprocess.Popen([sys.executable, "-m", self.module, *args, "--workdir", str(workdir), *extra],
                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
       try:
         rc = p.wait(timeout=kill_after)
