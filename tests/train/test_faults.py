@@ -8,7 +8,6 @@ Cost: each process pays the JAX import and tracing; compilation comes from a per
 processes of the module (``JAX_COMPILATION_CACHE_DIR``, minimum compile time 0).
 """
 import json
-import shutil
 import signal
 from pathlib import Path
 
