@@ -25,6 +25,7 @@ def get_config(arg=None):
   c.model.dtype = "float32"
   c.model.train_steps = 400 if not smoke else 150
   c.model.train_batch_size = 32 if not smoke else 16
+  c.model.checkpoint_every = 100   # training checkpoints of the synthetic model (a killed training resumes)
   c.model.sizes = ml_collections.ConfigDict(dict(width=64, layers=4) if not smoke else dict(width=48, layers=2))
 
   c.data = ml_collections.ConfigDict()

@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.ablations = ("wo_ent", "wo_sent")
   c.base_path = ""                 # empty: the base CLIP is stage "clip"'s output (runs/<name>/clip_base)
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))   # model > 1: tensor parallel (sharding.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.kind = "synthetic"

@@ -593,14 +593,24 @@ def _vector_base(path: str | os.PathLike) -> Path:
 
 def save_vectors(path: str | os.PathLike, vectors: np.ndarray, meta: Mapping[str, Any]) -> tuple[Path, Path]:
   """Writes ``<path>.npz`` (key ``vectors``, (L, D) float32) and ``<path>.json`` (``meta`` + ``num_layers``,
-  ``hidden_size``); ``path`` may end in .npz or .json. Returns both paths."""
+  ``hidden_size``); ``path`` may end in .npz or .json. Returns both paths.
+
+  Each file goes through a temporary sibling and ``os.replace``, the .json first: the .npz is the pair's commit
+  point (a reader such as the CMRM job takes an existing .npz as "extracted"), so a process killed while saving
+  leaves either no .npz or a complete pair, never a torn array file or an array without its metadata."""
   base = _vector_base(path)
   base.parent.mkdir(parents=True, exist_ok=True)
   v = np.asarray(vectors, np.float32)
-  np.savez(base.with_suffix(".npz"), vectors=v)
   full = dict(meta, num_layers=int(v.shape[0]), hidden_size=int(v.shape[1]))
-  base.with_suffix(".json").write_text(json.dumps(full, indent=2, default=str))
-  return base.with_suffix(".npz"), base.with_suffix(".json")
+  npz, js = base.with_suffix(".npz"), base.with_suffix(".json")
+  tmp = js.with_name(js.name + ".tmp")
+  tmp.write_text(json.dumps(full, indent=2, default=str))
+  os.replace(tmp, js)
+  tmp = npz.with_name(npz.name + ".tmp")
+  with tmp.open("wb") as f:           # a file object: np.savez would append ".npz" to a path
+    np.savez(f, vectors=v)
+  os.replace(tmp, npz)
+  return npz, js
 
 
 def load_vectors(path: str | os.PathLike, *, num_layers: int | None = None, hidden_size: int | None = None

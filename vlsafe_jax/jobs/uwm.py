@@ -34,6 +34,7 @@ from flax import nnx
 from checkpoints_convert import clip as convert
 from vlsafe_jax import config as config_lib
 from vlsafe_jax import perf
+from vlsafe_jax.checkpoint import write_text_atomic
 from vlsafe_jax.data import classification, sources, synthetic
 from vlsafe_jax.data.transform import QuadrupletTransform
 from vlsafe_jax.eval import retrieval, safeground, zeroshot
@@ -264,7 +265,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
   out = {"config": cfg.name, "method": cfg.method, "synthetic": cfg.data.kind == "synthetic",
          "base_model": str(model_dir), "edit": edited["info"], "edit_seconds": edited["edit_seconds"],
          "total_seconds": time.perf_counter() - t0, "before": before, "after": after}
-  (workdir / "eval.json").write_text(json.dumps(out, indent=2))
+  # Atomic: a rerun takes an existing eval.json as "finished" and reads it back (a torn one would not parse).
+  write_text_atomic(workdir / "eval.json", json.dumps(out, indent=2))
   print_results(out, workdir)
   return out
 

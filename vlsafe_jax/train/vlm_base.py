@@ -63,10 +63,14 @@ def llava_config(tokenizer: synthetic_vlm.WordTokenizer, *, image_size: int = 32
 
 def save(model: Llava, tokenizer: synthetic_vlm.WordTokenizer, directory: str | os.PathLike,
          meta: dict | None = None) -> Path:
-  """A converted LLaVA directory (``Llava.from_pretrained`` reads it) plus the vocabulary and metadata."""
+  """A converted LLaVA directory (``Llava.from_pretrained`` reads it) plus the vocabulary and metadata.
+
+  The vocabulary file is written last and atomically: it is what :func:`is_saved` looks for, so a process killed
+  while saving leaves a directory that is not taken as saved (the caller trains / saves again), never a torn
+  vocabulary or a missing metadata file behind a "saved" marker."""
   d = LLAVA_FAMILY.save_converted(model, directory)
-  (d / VOCAB_FILE).write_text(json.dumps(tokenizer.to_json()))
-  (d / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))
+  ckpt_lib.write_text_atomic(d / META_FILE, json.dumps(meta or {}, indent=2, default=str))
+  ckpt_lib.write_text_atomic(d / VOCAB_FILE, json.dumps(tokenizer.to_json()))
   return d
 
 
