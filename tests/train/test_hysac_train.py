@@ -96,7 +96,8 @@ def test_smoke_run_writes_run_directory(smoke_run, capsys):
 @SMOKE_RUN_GROUP
 def test_rerun_with_different_config_is_refused(smoke_run):
   workdir, _ = smoke_run
-  with pytest.raises(ValueError, match="different config"):
+  # The error names the differing key with both values.
+  with pytest.raises(ValueError, match=r"different config \(hysac\.optim\.lr: .* -> 0\.5\)"):
     _run(workdir, "hysac.optim.lr=0.5")
 
 

@@ -64,6 +64,17 @@ def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
         f"{jax.device_count()} devices", flush=True)
 
 
+_ABSENT = object()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  """``{"a": {"b": 1}} -> {"a.b": 1}`` (config keys as the command line spells them)."""
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
 def prepare_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> Path:
   """Creates the run directory and writes ``config.json``; a different config in an existing run is an error
   (a new ``--workdir`` starts afresh), except for the keys that only control how far this process runs."""
@@ -76,8 +87,11 @@ def prepare_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> Path:
   if path.exists() and jax.process_index() == 0:
     old = json.loads(path.read_text())
     if strip(old) != strip(new):
-      raise ValueError(f"{path} holds a different config; re-run with the same config to resume, or pass a new "
-                       f"--workdir to start afresh")
+      a, b = _flat(strip(old)), _flat(strip(new))
+      diff = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(a.keys() | b.keys())
+              if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+      raise ValueError(f"{path} holds a different config ({'; '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}); "
+                       f"re-run with the same config to resume, or pass a new --workdir to start afresh")
   if jax.process_index() == 0:
     ckpt_lib.write_text_atomic(path, json.dumps(new, indent=2))
   return workdir
