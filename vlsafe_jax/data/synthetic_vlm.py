@@ -73,6 +73,8 @@ HELPFUL = "sure . to {} , first get ready , then {} step by step ."
 SYSTEM = "a chat between a human and an assistant ."
 QA_TEMPLATES = (("what is the background colour ?", "the background is {bg} ."),
                 ("what colour is the {kind} ?", "the {kind} is {colour} ."))
+# Component 4 (caption rows, LLaVA's stage-1 "describe the image" pairs); every word is already in the vocabulary.
+CAPTION_QUESTION = "tell me what is in the image ."
 
 _TOKEN_RE = re.compile(r"[a-z]+|[.,:?!]")
 
@@ -250,7 +252,8 @@ class SyntheticVLM:
     return items[:limit] if limit else items
 
   def _row(self, kind: int, rng: np.random.Generator):
-    """(question, answer, image uint8 or None) of mixture component ``kind`` (0..3, see module docstring)."""
+    """(question, answer, image uint8 or None) of mixture component ``kind`` (0..3, see module docstring; 4 =
+    image + :data:`CAPTION_QUESTION` -> the scene's caption, used by the ``llava`` schedule's stages 1 and 2)."""
     harm = [r for r in self.train_requests if r.harmful]
     ben = [r for r in self.train_requests if not r.harmful]
     if kind == 0:
@@ -260,6 +263,8 @@ class SyntheticVLM:
       r = ben[rng.integers(len(ben))]
       return r.text, r.helpful, None
     img, facts = self.train_images[rng.integers(len(self.train_images))]
+    if kind == 4:
+      return CAPTION_QUESTION, facts["caption"] + " .", img
     if kind == 2:
       q, a = qa_pair(facts, int(rng.integers(len(QA_TEMPLATES))))
       return q, a, img
@@ -300,5 +305,5 @@ class SyntheticVLM:
 
 
 __all__ = ["WordTokenizer", "vocabulary", "SyntheticVLM", "Request", "all_requests", "split_requests",
-           "scene_image", "eval_scene", "qa_pair", "EVAL_OFFSETS", "REFUSAL", "HELPFUL", "SYSTEM", "HARMFUL",
+           "scene_image", "eval_scene", "qa_pair", "EVAL_OFFSETS", "CAPTION_QUESTION", "REFUSAL", "HELPFUL", "SYSTEM", "HARMFUL",
            "BENIGN"]

@@ -50,7 +50,10 @@ def load_model(cfg, workdir: Path):
   """(model, tokenizer, model_id) for ``cfg.model.kind`` ``synthetic`` (trained on first use) or ``hf``."""
   if cfg.model.kind == "synthetic":
     path = Path(cfg.model.path) if cfg.model.path else workdir / "model"
-    tc = vlm_base.TrainConfig(steps=cfg.model.train_steps, batch_size=cfg.model.train_batch_size, seed=cfg.seed)
+    # cfg.model.train (optional): further TrainConfig fields, e.g. the "llava" schedule's stage lengths.
+    extra = dict(cfg.model.get("train") or {})
+    tc = vlm_base.TrainConfig(steps=cfg.model.train_steps, batch_size=cfg.model.train_batch_size, seed=cfg.seed,
+                              **extra)
     model, tok = vlm_base.train_or_load(path, seed=cfg.seed, train_cfg=tc, model_kwargs=dict(cfg.model.sizes),
                                              progress=cfg.progress)
     return model, tok, f"synthetic:{path}"
