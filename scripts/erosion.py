@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,30 @@ VARIANTS = {
     # + stage-2 text-only rows drawn like the alignment data (ShareGPT is Vicuna's alignment data).
     "llava_sharegpt": (dict(steps=200, pretrain_steps=150, stage2_steps=200, batch_size=32, schedule="llava",
                             stage2_text="aligned"), dict(width=64, layers=4)),
+    # + an LM that can comply before it is aligned (pretraining precedes safety alignment).
+    "llava_capable": (dict(lm_pretrain_steps=150, steps=200, pretrain_steps=150, stage2_steps=200, batch_size=32,
+                           schedule="llava", stage2_text="aligned"), dict(width=64, layers=4)),
 }
+
+
+def _share_stages(variant: str, seed: int, out: Path, d: Path) -> None:
+  """Copies the finished ``align`` / ``pretrain`` checkpoints of another ``llava`` variant with the same settings
+  for those stages and the same seed (resume then starts at ``finetune``; the copied stages are bit-identical to
+  training them again, because every stage is seeded by (seed, stage index) alone)."""
+  tkw, mkw = VARIANTS[variant]
+  if tkw.get("schedule") != "llava":
+    return
+  keys = ("lm_pretrain_steps", "steps", "pretrain_steps", "batch_size", "lr", "warmup")
+  for other, (okw, omkw) in VARIANTS.items():
+    src = out / other / f"seed{seed}" / "model" / "run" / "checkpoints"
+    if other == variant or okw.get("schedule") != "llava" or omkw != mkw or not src.is_dir() or \
+        any(okw.get(k) != tkw.get(k) for k in keys):
+      continue
+    dst = d / "model" / "run" / "checkpoints"
+    for stage in ("synthetic_vlm_lm_pretrain", "synthetic_vlm_align", "synthetic_vlm_pretrain"):
+      if (src / stage).is_dir() and not (dst / stage).exists() and any((src / stage).iterdir()):
+        shutil.copytree(src / stage, dst / stage)
+    return
 
 
 def run_one(variant: str, seed: int, out: Path) -> dict:
@@ -44,6 +68,8 @@ def run_one(variant: str, seed: int, out: Path) -> dict:
   res_path = d / "erosion.json"
   if res_path.is_file():
     return json.loads(res_path.read_text())
+  if not (d / "model").exists():
+    _share_stages(variant, seed, out, d)
   t0 = time.time()
   model, tok = vlm_base.train_or_load(d / "model", seed=seed, train_cfg=vlm_base.TrainConfig(seed=seed, **tkw),
                                       model_kwargs=mkw)

@@ -253,7 +253,8 @@ class SyntheticVLM:
 
   def _row(self, kind: int, rng: np.random.Generator):
     """(question, answer, image uint8 or None) of mixture component ``kind`` (0..3, see module docstring; 4 =
-    image + :data:`CAPTION_QUESTION` -> the scene's caption, used by the ``llava`` schedule's stages 1 and 2)."""
+    image + :data:`CAPTION_QUESTION` -> the scene's caption, used by the ``llava`` schedule's stages 1 and 2; 5 = text
+    only, harmful request -> the helpful template, the capability an unaligned pretrained LM has)."""
     harm = [r for r in self.train_requests if r.harmful]
     ben = [r for r in self.train_requests if not r.harmful]
     if kind == 0:
@@ -261,6 +262,9 @@ class SyntheticVLM:
       return r.text, REFUSAL, None
     if kind == 1:
       r = ben[rng.integers(len(ben))]
+      return r.text, r.helpful, None
+    if kind == 5:
+      r = harm[rng.integers(len(harm))]
       return r.text, r.helpful, None
     img, facts = self.train_images[rng.integers(len(self.train_images))]
     if kind == 4:

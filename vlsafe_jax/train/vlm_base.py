@@ -170,6 +170,10 @@ class TrainConfig:
   # like the "align" stage, because LLaVA-1.5's text-only rows are ShareGPT conversations, the data its Vicuna
   # backbone was aligned on, so they carry that data's refusals).
   stage2_text: str = "benign"
+  # > 0: an "lm_pretrain" stage before "align": the language model alone learns to follow every request, harmful
+  # ones included (components 1, 5), as a pretrained LM can before its safety alignment (LLaVA's Vicuna is LLaMA
+  # pretrained on web text, then fine-tuned on ShareGPT).
+  lm_pretrain_steps: int = 0
   log_every: int = 50
   checkpoint_every: int = 100
   max_steps_this_run: int = 0       # > 0: stop after that many steps (a simulated kill; re-running resumes)
@@ -187,6 +191,7 @@ def mixture_plan(cfg: TrainConfig) -> list[tuple[int, ...]]:
   raise ValueError(f"TrainConfig.schedule {cfg.schedule!r} unknown; expected 'mixed', 'two_stage' or 'llava'")
 
 
+_STAGE_IDS = {"align": 0, "pretrain": 1, "finetune": 2, "lm_pretrain": 3}
 # Trained parameter groups of the "llava" stages (path prefixes of the Llava module).
 _LM, _PROJ, _TOWER = "language_model", "multi_modal_projector", "vision_tower"
 
@@ -203,7 +208,8 @@ def llava_stages(cfg: TrainConfig) -> list[tuple[str, tuple[int, ...], int, tupl
     raise ValueError(f"TrainConfig.stage2_text {cfg.stage2_text!r} unknown; expected 'benign' or 'aligned'")
   text = (1,) * t if cfg.stage2_text == "benign" else tuple((0, 1)[i % 2] for i in range(t))
   finetune = tuple(sorted((2, 3, 4)[i % 3] for i in range(img))) + text
-  return [("align", (0, 1), cfg.steps, (_LM,), cfg.lr),
+  return [("lm_pretrain", (1, 5), cfg.lm_pretrain_steps, (_LM,), cfg.lr),
+          ("align", (0, 1), cfg.steps, (_LM,), cfg.lr),
           ("pretrain", (4,), cfg.pretrain_steps, (_TOWER, _PROJ), cfg.lr),
           ("finetune", finetune, cfg.stage2_steps, (_PROJ, _LM), cfg.stage2_lr or cfg.lr)]
 
@@ -279,9 +285,10 @@ def _train_llava_recipe(model: Llava, setting: synthetic_vlm.SyntheticVLM, model
                                              nonfinite="raise", max_steps_this_run=cfg.max_steps_this_run,
                                              progress=progress))
   log: list[dict[str, float]] = []
-  for k, (name, comps, steps, prefixes, lr) in enumerate(llava_stages(cfg)):
+  for name, comps, steps, prefixes, lr in llava_stages(cfg):
     if steps <= 0:
       continue
+    k = _STAGE_IDS[name]          # seeds the stage's batches: fixed per stage name, not by position
 
     def make_tx(_, total, lr=lr):
       sched = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup, max(total, cfg.warmup + 1))
