@@ -32,9 +32,10 @@ def one_seed(seed: int, models: Path, out: Path, alphas, commands) -> dict:
   base = ["--config", "cmrm_synthetic:llava", "--workdir", str(work), f"seed={seed}",
           f"model.path={models / f'seed{seed}' / 'model'}", "progress=False"]
   res = {}
+  # The sweep alphas are part of the run's config (one config per run directory), so every command gets them.
+  base.append(f"cmrm.sweep_alphas={list(alphas)}")
   for cmd in commands:
-    extra = [f"cmrm.sweep_alphas={list(alphas)}"] if cmd == "sweep" else []
-    res[cmd] = cmrm.main([cmd, *base, *extra])
+    res[cmd] = cmrm.main([cmd, *base])
   return res
 
 

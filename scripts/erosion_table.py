@@ -18,7 +18,10 @@ def main(argv):
       continue
     cells = []
     for c in COLS:
-      v = s[c]
+      v = s.get(c)
+      if v is None:
+        cells.append("-")
+        continue
       fmt = "{:.1f}" if c == "norm_ratio" else "{:.0f}"
       cells.append((fmt + " ± " + fmt).format(v["mean"], (v["max"] - v["min"]) / 2))
     print(f"| {p.parent.name} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
