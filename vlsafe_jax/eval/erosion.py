@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 
 from vlsafe_jax.data import images as images_lib
 from vlsafe_jax.data import synthetic_vlm
-from vlsafe_jax.data.vlm_prompts import build_prompt
+from vlsafe_jax.data.vlm_prompts import build_prompt, collate
 from vlsafe_jax.eval import judge as judge_lib
 from vlsafe_jax.eval import vlm_safety
 
@@ -57,6 +58,31 @@ def norm_ratio(model, tokenizer, items, *, system: str = synthetic_vlm.SYSTEM) -
   return {"image_norm": i_n, "text_norm": t_n, "norm_ratio": i_n / t_n}
 
 
+def first_token_probs(model, tokenizer, items, cond: str, *, batch_size: int = 32) -> dict[str, float]:
+  """Mean probability of the first answer token over ``items`` under condition ``cond`` (:data:`CONDITIONS`):
+  ``p_refuse`` (the refusal's first word), ``p_comply`` (the helpful template's first word) and ``p_other``.
+
+  A probe of the model's decision that does not depend on decoding: how close compliance is to winning when
+  refusal loses.
+  """
+  size = model.config.vision_config.image_size
+  refuse = tokenizer.encode(synthetic_vlm.REFUSAL)[0]
+  comply = tokenizer.encode(synthetic_vlm.HELPFUL)[0]
+  pr, pc = [], []
+  for batch in vlm_safety.build_batches(items, tokenizer, model.config, batch_size=batch_size, template="llava_v1",
+                                        system=synthetic_vlm.SYSTEM, use_images=cond != "text",
+                                        image_fn=_image_fn(cond, size)):
+    pad = model.config.text_config.pad_token_id or 0
+    arr = collate(batch.prompts, pad, side="left")
+    logits, _, _ = model(np.asarray(arr["input_ids"]), batch.pixels,
+                         attention_mask_bt=np.asarray(arr["attention_mask"]))
+    p = np.asarray(jax.nn.softmax(logits[:, -1], axis=-1))
+    pr += list(p[:, refuse])
+    pc += list(p[:, comply])
+  r, c = float(np.mean(pr)), float(np.mean(pc))
+  return {"p_refuse": r, "p_comply": c, "p_other": 1.0 - r - c}
+
+
 def measure(model, tokenizer, setting: synthetic_vlm.SyntheticVLM, *, limit: int | None = None,
             batch_size: int = 32, max_new_tokens: int = 24) -> dict[str, Any]:
   """Erosion metrics of ``model`` on ``setting``'s held-out sets (see the module docstring); rates in %."""
@@ -83,4 +109,4 @@ def measure(model, tokenizer, setting: synthetic_vlm.SyntheticVLM, *, limit: int
   return out
 
 
-__all__ = ["CONDITIONS", "norm_ratio", "measure"]
+__all__ = ["CONDITIONS", "COMPLY_PREFIX", "norm_ratio", "first_token_probs", "measure"]
