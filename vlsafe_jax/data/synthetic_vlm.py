@@ -27,7 +27,9 @@ The question the setting answers (reported, never forced): does the text-only mo
 requests, and does attaching a benign image erode that refusal? Observed so far (seed 0, default sizes, CPU):
 ``mixed`` 400 steps: text-only refusal 100%, with image 100% (no erosion: the tiny model keys refusal on the
 content words whatever the image); ``two_stage`` 200 + 300 steps: refusal forgotten in both conditions (0% / 0%).
-Neither reproduces the paper's erosion; the setting still exercises the whole CMRM pipeline end to end.
+Neither reproduces the paper's erosion; the setting still exercises the whole CMRM pipeline end to end. Schedule
+``llava`` (:mod:`vlsafe_jax.train.vlm_base`, issue 16) adds caption rows (4) and, optionally, harmful requests answered
+helpfully (5, an unaligned LM's capability); its measurements are in the README.
 
 Public API: :class:`WordTokenizer` (HF-style ``__call__``/``decode``, works with
 :func:`vlsafe_jax.data.vlm_prompts.build_prompt`), :class:`SyntheticVLM` (training batches, and eval sets as

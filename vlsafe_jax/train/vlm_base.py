@@ -239,8 +239,9 @@ def train_synthetic_vlm(setting: synthetic_vlm.SyntheticVLM, model_config: Llava
   """Trains a tiny LLaVA from scratch on the mixture; returns ``(model, log)`` (``log``: ``step``, ``loss`` every
   ``cfg.log_every`` steps and at the end).
 
-  Every parameter is trained (vision tower, projector and decoder: there is no pretrained part to freeze in this
-  setting) with global-norm clipping at 1 and AdamW (warmup + cosine to 0), on one device (the model is tiny).
+  Schedules ``mixed`` / ``two_stage`` train every parameter (vision tower, projector and decoder) with one optimizer;
+  ``llava`` trains one parameter group per stage (:func:`llava_stages`), each stage with its own optimizer. Always
+  global-norm clipping at 1 and AdamW (warmup + cosine to 0), on one device (the model is tiny).
   """
   model = Llava(model_config, rngs=nnx.Rngs(cfg.model_seed))
   if cfg.schedule == "llava":
