@@ -27,7 +27,9 @@ The question the setting answers (reported, never forced): does the text-only mo
 requests, and does attaching a benign image erode that refusal? Observed so far (seed 0, default sizes, CPU):
 ``mixed`` 400 steps: text-only refusal 100%, with image 100% (no erosion: the tiny model keys refusal on the
 content words whatever the image); ``two_stage`` 200 + 300 steps: refusal forgotten in both conditions (0% / 0%).
-Neither reproduces the paper's erosion; the setting still exercises the whole CMRM pipeline end to end.
+Neither reproduces the paper's erosion; the setting still exercises the whole CMRM pipeline end to end. Schedule
+``llava`` (:mod:`vlsafe_jax.train.vlm_base`, issue 16) adds caption rows (4) and, optionally, harmful requests answered
+helpfully (5, an unaligned LM's capability); its measurements are in the README.
 
 Public API: :class:`WordTokenizer` (HF-style ``__call__``/``decode``, works with
 :func:`vlsafe_jax.data.vlm_prompts.build_prompt`), :class:`SyntheticVLM` (training batches, and eval sets as
@@ -73,6 +75,8 @@ HELPFUL = "sure . to {} , first get ready , then {} step by step ."
 SYSTEM = "a chat between a human and an assistant ."
 QA_TEMPLATES = (("what is the background colour ?", "the background is {bg} ."),
                 ("what colour is the {kind} ?", "the {kind} is {colour} ."))
+# Component 4 (caption rows, LLaVA's stage-1 "describe the image" pairs); every word is already in the vocabulary.
+CAPTION_QUESTION = "tell me what is in the image ."
 
 _TOKEN_RE = re.compile(r"[a-z]+|[.,:?!]")
 
@@ -250,7 +254,9 @@ class SyntheticVLM:
     return items[:limit] if limit else items
 
   def _row(self, kind: int, rng: np.random.Generator):
-    """(question, answer, image uint8 or None) of mixture component ``kind`` (0..3, see module docstring)."""
+    """(question, answer, image uint8 or None) of mixture component ``kind`` (0..3, see module docstring; 4 =
+    image + :data:`CAPTION_QUESTION` -> the scene's caption, used by the ``llava`` schedule's stages 1 and 2; 5 = text
+    only, harmful request -> the helpful template, the capability an unaligned pretrained LM has)."""
     harm = [r for r in self.train_requests if r.harmful]
     ben = [r for r in self.train_requests if not r.harmful]
     if kind == 0:
@@ -259,7 +265,12 @@ class SyntheticVLM:
     if kind == 1:
       r = ben[rng.integers(len(ben))]
       return r.text, r.helpful, None
+    if kind == 5:
+      r = harm[rng.integers(len(harm))]
+      return r.text, r.helpful, None
     img, facts = self.train_images[rng.integers(len(self.train_images))]
+    if kind == 4:
+      return CAPTION_QUESTION, facts["caption"] + " .", img
     if kind == 2:
       q, a = qa_pair(facts, int(rng.integers(len(QA_TEMPLATES))))
       return q, a, img
@@ -300,5 +311,5 @@ class SyntheticVLM:
 
 
 __all__ = ["WordTokenizer", "vocabulary", "SyntheticVLM", "Request", "all_requests", "split_requests",
-           "scene_image", "eval_scene", "qa_pair", "EVAL_OFFSETS", "REFUSAL", "HELPFUL", "SYSTEM", "HARMFUL",
+           "scene_image", "eval_scene", "qa_pair", "EVAL_OFFSETS", "CAPTION_QUESTION", "REFUSAL", "HELPFUL", "SYSTEM", "HARMFUL",
            "BENIGN"]

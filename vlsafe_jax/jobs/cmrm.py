@@ -50,8 +50,11 @@ def load_model(cfg, workdir: Path):
   """(model, tokenizer, model_id) for ``cfg.model.kind`` ``synthetic`` (trained on first use) or ``hf``."""
   if cfg.model.kind == "synthetic":
     path = Path(cfg.model.path) if cfg.model.path else workdir / "model"
+    # cfg.model.train (optional): further TrainConfig fields, e.g. the "llava" schedule's stage lengths.
+    extra = dict(cfg.model.get("train") or {})
     tc = vlm_base.TrainConfig(steps=cfg.model.train_steps, batch_size=cfg.model.train_batch_size, seed=cfg.seed,
-                              checkpoint_every=cfg.model.get("checkpoint_every", vlm_base.TrainConfig.checkpoint_every))
+                              checkpoint_every=cfg.model.get("checkpoint_every", vlm_base.TrainConfig.checkpoint_every),
+                              **extra)
     model, tok = vlm_base.train_or_load(path, seed=cfg.seed, train_cfg=tc, model_kwargs=dict(cfg.model.sizes),
                                              progress=cfg.progress)
     return model, tok, f"synthetic:{path}"

@@ -155,8 +155,29 @@ class TrainConfig:
   # "mixed": all four components in every batch for ``steps``. "two_stage" (LLaVA's pipeline): ``steps`` of
   # text-only alignment (components 0, 1: the aligned backbone LLM), then ``stage2_steps`` of visual instruction
   # tuning on image rows (2, 3) plus benign text (1), with no refusal targets at all in stage 2.
+  #
+  # "llava" (LLaVA-1.5's recipe, shared/spec/real-facts.md "LLaVA-1.5"): "align" = ``steps`` of text-only
+  # safety alignment of the language model alone (components 0, 1; the backbone LLM is aligned before it sees
+  # images); "pretrain" = ``pretrain_steps`` on caption rows (component 4) training the vision tower and projector
+  # with the language model frozen (LLaVA's stage 1 trains the projector alone; here the tower is trained too
+  # because no pretrained CLIP exists in this setting); "finetune" = ``stage2_steps`` of visual instruction
+  # tuning of projector + language model with the tower frozen, on image rows (2, 3, 4 in equal shares) and
+  # ``stage2_text_rows`` text-only benign rows per batch (2 / 32 = 6.25%, LLaVA-1.5's mix has 6.1% text-only
+  # conversations); no refusal target with an image. Each stage has its own AdamW + warmup-cosine
+  # schedule; ``stage2_lr`` (0 = ``lr``) is the peak of "finetune".
   schedule: str = "mixed"
   stage2_steps: int = 300
+  pretrain_steps: int = 200
+  stage2_text_rows: int = 2
+  stage2_lr: float = 0.0
+  # Text-only rows of "finetune": "benign" (component 1 only) or "aligned" (components 0, 1 alternating: drawn
+  # like the "align" stage, because LLaVA-1.5's text-only rows are ShareGPT conversations, the data its Vicuna
+  # backbone was aligned on, so they carry that data's refusals).
+  stage2_text: str = "benign"
+  # > 0: an "lm_pretrain" stage before "align": the language model alone learns to follow every request, harmful
+  # ones included (components 1, 5), as a pretrained LM can before its safety alignment (LLaVA's Vicuna is LLaMA
+  # pretrained on web text, then fine-tuned on ShareGPT).
+  lm_pretrain_steps: int = 0
   log_every: int = 50
   checkpoint_every: int = 100
   max_steps_this_run: int = 0       # > 0: stop after that many steps (a simulated kill; re-running resumes)
@@ -169,7 +190,39 @@ def mixture_plan(cfg: TrainConfig) -> list[tuple[int, ...]]:
   if cfg.schedule == "two_stage":
     # Stage-2 rows: 2 grounded + 1 image/benign + 1 text/benign per 4 (multiples of 4 keep batches static).
     return [(0, 1)] * cfg.steps + [(2, 2, 3, 1)] * cfg.stage2_steps
-  raise ValueError(f"TrainConfig.schedule {cfg.schedule!r} unknown; expected 'mixed' or 'two_stage'")
+  if cfg.schedule == "llava":
+    return [c for _, comps, steps, _, _ in llava_stages(cfg) for c in [comps] * steps]
+  raise ValueError(f"TrainConfig.schedule {cfg.schedule!r} unknown; expected 'mixed', 'two_stage' or 'llava'")
+
+
+_STAGE_IDS = {"align": 0, "pretrain": 1, "finetune": 2, "lm_pretrain": 3}
+# Trained parameter groups of the "llava" stages (path prefixes of the Llava module).
+_LM, _PROJ, _TOWER = "language_model", "multi_modal_projector", "vision_tower"
+
+
+def llava_stages(cfg: TrainConfig) -> list[tuple[str, tuple[int, ...], int, tuple[str, ...], float]]:
+  """``(stage name, per-row components of every batch, steps, trained module prefixes, peak lr)`` of the
+  ``llava`` schedule (see :class:`TrainConfig`)."""
+  b, t = cfg.batch_size, cfg.stage2_text_rows
+  if not 0 <= t < b:
+    raise ValueError(f"TrainConfig.stage2_text_rows {t} must lie in [0, batch_size {b})")
+  img = b - t
+  # Image rows cycle grounded QA / unrelated benign request / caption; text rows are benign requests.
+  if cfg.stage2_text not in ("benign", "aligned"):
+    raise ValueError(f"TrainConfig.stage2_text {cfg.stage2_text!r} unknown; expected 'benign' or 'aligned'")
+  text = (1,) * t if cfg.stage2_text == "benign" else tuple((0, 1)[i % 2] for i in range(t))
+  finetune = tuple(sorted((2, 3, 4)[i % 3] for i in range(img))) + text
+  return [("lm_pretrain", (1, 5), cfg.lm_pretrain_steps, (_LM,), cfg.lr),
+          ("align", (0, 1), cfg.steps, (_LM,), cfg.lr),
+          ("pretrain", (4,), cfg.pretrain_steps, (_TOWER, _PROJ), cfg.lr),
+          ("finetune", finetune, cfg.stage2_steps, (_PROJ, _LM), cfg.stage2_lr or cfg.lr)]
+
+
+def _prefix_filter(prefixes: tuple[str, ...]):
+  """nnx filter: parameters whose path starts with one of ``prefixes``."""
+  def f(path, value):
+    return isinstance(value, nnx.Param) and bool(path) and str(path[0]) in prefixes
+  return f
 
 
 def answer_nll(model: Llava, batch: dict[str, Any]) -> jax.Array:
@@ -190,15 +243,18 @@ def train_synthetic_vlm(setting: synthetic_vlm.SyntheticVLM, model_config: Llava
   """Trains a tiny LLaVA from scratch on the mixture; returns ``(model, log)`` (``log``: ``step``, ``loss`` every
   ``cfg.log_every`` steps and at the end).
 
-  Every parameter is trained (vision tower, projector and decoder: there is no pretrained part to freeze in this
-  setting) with global-norm clipping at 1 and AdamW (warmup + cosine to 0), on one device (the model is tiny).
+  Schedules ``mixed`` / ``two_stage`` train every parameter (vision tower, projector and decoder) with one optimizer;
+  ``llava`` trains one parameter group per stage (:func:`llava_stages`), each stage with its own optimizer. Always
+  global-norm clipping at 1 and AdamW (warmup + cosine to 0), on one device (the model is tiny).
   """
   model = Llava(model_config, rngs=nnx.Rngs(cfg.model_seed))
+  if cfg.schedule == "llava":
+    return _train_llava_recipe(model, setting, model_config, cfg, Path(run_dir), progress)
   plan = mixture_plan(cfg)
   total = len(plan)
 
-  def make_tx(_, steps):
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(steps, cfg.warmup + 1))
+  def make_tx(_, steps, lr=cfg.lr):
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup, max(steps, cfg.warmup + 1))
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=cfg.weight_decay)), sched
 
   def make_loss_fn(graphdef):
@@ -223,6 +279,46 @@ def train_synthetic_vlm(setting: synthetic_vlm.SyntheticVLM, model_config: Llava
                        batch_size=cfg.batch_size, train_cfg=train_cfg, rng=jax.random.key(0),
                        on_log=lambda rec: log.append({"step": rec["step"], "loss": rec["loss"]}))
   return common.merged(setup, state["params"]), log
+
+
+def _train_llava_recipe(model: Llava, setting: synthetic_vlm.SyntheticVLM, model_config: LlavaConfig,
+                        cfg: TrainConfig, run_dir: Path, progress: bool) -> tuple[Llava, list[dict[str, float]]]:
+  """The ``llava`` schedule: one optimizer and checkpoint stream per stage of :func:`llava_stages`, the
+  untrained parameters of each stage frozen (carried from the previous stage)."""
+  mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+  train_cfg = ml_collections.ConfigDict(dict(log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                                             nonfinite="raise", max_steps_this_run=cfg.max_steps_this_run,
+                                             progress=progress))
+  log: list[dict[str, float]] = []
+  for name, comps, steps, prefixes, lr in llava_stages(cfg):
+    if steps <= 0:
+      continue
+    k = _STAGE_IDS[name]          # seeds the stage's batches: fixed per stage name, not by position
+
+    def make_tx(_, total, lr=lr):
+      sched = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup, max(total, cfg.warmup + 1))
+      return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=cfg.weight_decay)), sched
+
+    def make_loss_fn(graphdef):
+      def loss_fn(params, frozen, batch, key):
+        del key
+        return answer_nll(nnx.merge(graphdef, params, frozen), batch), {}
+      return loss_fn
+
+    def make_batch(rng, step, comps=comps):
+      ids, mask, lmask, pixels = setting.train_batch(rng, cfg.batch_size, model_config, cfg.seq_len, comps)
+      return {"ids": ids, "mask": mask, "loss_mask": lmask, "pixels": pixels}
+
+    with jax.set_mesh(mesh):
+      setup = common.build_setup(model, _prefix_filter(prefixes), make_tx, mesh, make_loss_fn=make_loss_fn,
+                                 total_steps=steps)
+      loader = SeededBatches(make_batch, [cfg.seed, 99, k], steps_per_epoch=steps)
+      state = _run_stage(setup, loader, stage=f"synthetic_vlm_{name}", run_dir=run_dir, total_steps=steps,
+                         batch_size=cfg.batch_size, train_cfg=train_cfg, rng=jax.random.key(k),
+                         on_log=lambda rec, name=name: log.append({"stage": name, "step": rec["step"],
+                                                                   "loss": rec["loss"]}))
+      model = common.merged(setup, state["params"])
+  return model, log
 
 
 def train_or_load(directory: str | os.PathLike, *, seed: int = 0, train_cfg: TrainConfig = TrainConfig(),
@@ -285,4 +381,4 @@ def train_or_load_tga_base(cfg: ml_collections.ConfigDict, mesh: Mesh, base_dir:
 
 
 __all__ = ["VOCAB_FILE", "llava_config", "save", "is_saved", "load", "SeededBatches", "TrainConfig",
-           "mixture_plan", "answer_nll", "train_synthetic_vlm", "train_or_load", "train_or_load_tga_base"]
+           "mixture_plan", "llava_stages", "answer_nll", "train_synthetic_vlm", "train_or_load", "train_or_load_tga_base"]
