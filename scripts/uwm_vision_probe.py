@@ -17,6 +17,7 @@ SETTINGs (each changes ONE thing from "base"; why each follows from the real set
   cover     the hazard motif spans the whole unsafe image (motif_scale (1, 1))
   deep      6 transformer layers in both towers (6 vision fc2 layers instead of 2)
   rewrite   the ViSU-like unsafe variant (I* a new rendering of T*'s scene + motif), motif scale unchanged
+  cover_deep  cover and deep together (after each was measured alone)
 
 Writes ``<out>/<SETTING>/seed<k>.json`` and ``<out>/<SETTING>/summary.json`` (mean and std over seeds of every
 metric for every edit, and of the edit-minus-base deltas). Results are labelled synthetic.
@@ -47,6 +48,7 @@ SETTINGS = {
     "cover": ((), ("data.motif_scale=(1.0, 1.0)",)),
     "deep": (("clip_model.layers=6",), ()),
     "rewrite": ((), ("data.unsafe_variant=rewrite",)),
+    "cover_deep": (("clip_model.layers=6",), ("data.motif_scale=(1.0, 1.0)",)),   # both causes together
 }
 EDITS = ("base", "text", "vision", "both")
 REPORT = ("P^t_s", "P^t_u", "P^v_s", "P^v_u", "Txt_s", "Img_s", "GS", "T_s-V_s R@10", "V_s-T_s R@10", "zero-shot")
