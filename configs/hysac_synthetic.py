@@ -31,6 +31,8 @@ def get_config(arg=None):
   c.data.image_size = 32
   # "patch": I* = I + motif, T* = T + phrase; "rewrite": ViSU-like (T* rewritten, I* generated anew from T*).
   c.data.unsafe_variant = "patch"
+  # side of the hazard motif as a fraction of the image side (low, high); (1.0, 1.0): the motif spans the image
+  c.data.motif_scale = (0.35, 0.55)
   c.data.max_length = 32
   c.data.train_size = 4096 if not smoke else 64
   c.data.val_size = 512 if not smoke else 32

@@ -39,6 +39,10 @@ def get_config(arg=None):
   c.data.seed = 0
   c.data.image_size = 32
   c.data.max_length = 32
+  # The generator options of the stage-1 CLIP's data (keep them equal to model.stage1_overrides'): "patch" | "rewrite"
+  c.data.unsafe_variant = "patch"
+  # side of the hazard motif as a fraction of the image side (low, high); (1.0, 1.0): the motif spans the image
+  c.data.motif_scale = (0.35, 0.55)
   c.data.test_size = 512 if not smoke else 256
   c.data.tokenizer = ""
   c.data.train_json = ""

@@ -217,3 +217,21 @@ def test_rewrite_variant_is_visu_like_and_keeps_the_safe_half():
   assert not_suffix >= 20 and dropped >= 3, (not_suffix, dropped)
   with pytest.raises(ValueError, match="unsafe_variant"):
     synthetic.SyntheticQuadruplets("train", 4, unsafe_variant="suffix")
+
+
+def test_motif_scale_sets_how_much_of_the_unsafe_image_the_hazard_covers():
+  default = synthetic.SyntheticQuadruplets("train", 14, seed=2)
+  explicit = synthetic.SyntheticQuadruplets("train", 14, seed=2, motif_scale=synthetic.DEFAULT_MOTIF_SCALE)
+  assert _digest(default, 14) == _digest(explicit, 14)   # the default items are those of earlier versions
+  whole = synthetic.SyntheticQuadruplets("train", 14, seed=2, motif_scale=(1.0, 1.0))
+  assert "motif_scale=(1.0, 1.0)" in repr(whole)
+  for i in range(14):
+    d, w = default.item(i), whole.item(i)
+    assert d["safe_caption"] == w["safe_caption"] and d["unsafe_caption"] == w["unsafe_caption"]
+    np.testing.assert_array_equal(d["safe_image"], w["safe_image"])
+    assert d["motif_mask"].mean() <= 0.55 ** 2 + 1e-6
+    if w["tag"] in ("hate", "harassment", "shocking"):   # textures with alpha > 0 on the whole patch
+      assert w["motif_mask"].all(), (i, w["tag"])
+  for bad in ((0.0, 0.5), (0.6, 0.5), (0.5, 1.2)):
+    with pytest.raises(ValueError, match="motif_scale"):
+      synthetic.SyntheticQuadruplets("train", 4, motif_scale=bad)

@@ -64,6 +64,12 @@ class Sources:
     return getattr(self, name)
 
 
+def _motif_scale(data: ml_collections.ConfigDict) -> tuple[float, float]:
+  """``data.motif_scale`` (synthetic hazard motif side range) or the benchmark default."""
+  v = data.get("motif_scale", None)
+  return synthetic.DEFAULT_MOTIF_SCALE if v is None else tuple(float(x) for x in v)
+
+
 def split_source(data: ml_collections.ConfigDict, split: str, *, size: int | None = None,
                  require_images: bool = True):
   """One split of ``data.kind`` as a random-access source, or None when its file is not configured.
@@ -74,7 +80,8 @@ def split_source(data: ml_collections.ConfigDict, split: str, *, size: int | Non
   if data.kind == "synthetic":
     n = size if size is not None else data.get(f"{split}_size")
     return synthetic.SyntheticQuadruplets(split, n or None, seed=data.seed, image_size=data.image_size,
-                                          unsafe_variant=data.get("unsafe_variant", "patch"))
+                                          unsafe_variant=data.get("unsafe_variant", "patch"),
+                                          motif_scale=_motif_scale(data))
   path = data.get(f"{split}_json")
   if not path:
     return None
@@ -130,7 +137,11 @@ def calibration_sources(data: ml_collections.ConfigDict, calib: ml_collections.C
   ``calib.n_pairs``.
   """
   if data.kind == "synthetic":
-    src = synthetic.SyntheticQuadruplets("train", calib.n_pairs, seed=data.seed, image_size=data.image_size)
+    # The same generator options as the evaluated splits (the unsafe variant and motif scale used to be ignored
+    # here, so calibration pairs were always "patch" pairs).
+    src = synthetic.SyntheticQuadruplets("train", calib.n_pairs, seed=data.seed, image_size=data.image_size,
+                                         unsafe_variant=data.get("unsafe_variant", "patch"),
+                                         motif_scale=_motif_scale(data))
     return {t: src for t in ("text", "vision") if t in towers}
   out = {}
   for tower, manifest, kind in (("text", calib.text_manifest, "text"), ("vision", calib.vision_manifest, "image")):

@@ -60,6 +60,7 @@ CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking
 SPLITS = {"train": 0, "val": 1, "test": 2}
 UNSAFE_VARIANTS = ("patch", "rewrite")
 DEFAULT_SPLIT_SIZES = {"train": 4096, "val": 512, "test": 512}
+DEFAULT_MOTIF_SCALE = (0.35, 0.55)   # side of the hazard motif as a fraction of the image side (low, high)
 
 SHAPE_KINDS = ("circle", "square", "triangle", "diamond", "ring", "cross")
 SHAPE_COLOURS = {
@@ -361,14 +362,18 @@ def render_scene(shapes: Sequence[Shape], background: str, size: int, rng: np.ra
   return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def add_motif(image_hw3: np.ndarray, category: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def add_motif(image_hw3: np.ndarray, category: str, rng: np.random.Generator,
+              scale: tuple[float, float] = (0.35, 0.55)) -> tuple[np.ndarray, np.ndarray]:
   """Blends ``category``'s motif into a copy of the image at a random place, scale and intensity.
+
+  ``scale``: (low, high) of the motif square's side as a fraction of the image side, drawn uniformly (default
+  0.35-0.55: 12-30% of the area; (1, 1): the motif spans the whole image).
 
   Returns ``(unsafe uint8 (H,W,3), changed_hw bool)`` where ``changed_hw`` marks the pixels the motif may touch
   (alpha > 0); outside it the unsafe image equals the safe one exactly.
   """
   size = image_hw3.shape[0]
-  p = max(4, int(round(size * rng.uniform(0.35, 0.55))))
+  p = min(size, max(4, int(round(size * rng.uniform(*scale)))))
   y0, x0 = (int(v) for v in rng.integers(0, size - p + 1, size=2))
   alpha_pp, rgb_pp3 = motif_pattern(category, p, rng)
   alpha_pp = alpha_pp * rng.uniform(0.7, 1.0)
@@ -408,12 +413,20 @@ class SyntheticQuadruplets:
     unsafe_variant: how the unsafe twin is made. ``"patch"`` (default): I* = I plus the category's motif, T* = T +
       hazard phrase. ``"rewrite"``: ViSU-like (:func:`rewrite_unsafe`): T* a rewrite of T, I* a new rendering of
       T*'s scene plus the motif. The safe half (I, T, tag) is the same in both.
+    motif_scale: (low, high) side of the hazard motif as a fraction of the image side (``add_motif``); default
+      (0.35, 0.55). (1.0, 1.0) makes the hazard span the whole unsafe image, as in ViSU where I* is generated from
+      the unsafe caption (``real-facts.md``, ViSU) rather than being I plus a patch. With the default the items
+      are exactly those of earlier versions.
   """
 
   tag_names = CATEGORIES
 
   def __init__(self, split: str = "train", size: int | None = None, seed: int = 0, image_size: int = 32,
-               unsafe_variant: str = "patch"):
+               unsafe_variant: str = "patch", motif_scale: Sequence[float] = DEFAULT_MOTIF_SCALE):
+    lo, hi = (float(v) for v in motif_scale)
+    if not 0.0 < lo <= hi <= 1.0:
+      raise ValueError(f"motif_scale must be (low, high) with 0 < low <= high <= 1, got {tuple(motif_scale)}")
+    self.motif_scale = (lo, hi)
     if unsafe_variant not in UNSAFE_VARIANTS:
       raise ValueError(f"unknown unsafe_variant {unsafe_variant!r}; expected one of {UNSAFE_VARIANTS}")
     self.unsafe_variant = unsafe_variant
@@ -431,7 +444,7 @@ class SyntheticQuadruplets:
 
   def __repr__(self) -> str:
     return (f"SyntheticQuadruplets(split={self.split!r}, size={self.size}, seed={self.seed}, "
-            f"image_size={self.image_size}, unsafe_variant={self.unsafe_variant!r})")
+            f"image_size={self.image_size}, unsafe_variant={self.unsafe_variant!r}, motif_scale={self.motif_scale})")
 
   def item(self, index: int) -> dict[str, Any]:
     """Item ``index`` with extra fields for tests and plots: ``scene`` (the safe scene's shapes, background,
@@ -447,14 +460,15 @@ class SyntheticQuadruplets:
     phrases = HAZARD_PHRASES[category]
     phrase = phrases[rng.integers(len(phrases))]
     safe = render_scene(shapes, background, self.image_size, rng)
-    unsafe, changed = add_motif(safe, category, rng)
+    unsafe, changed = add_motif(safe, category, rng, self.motif_scale)
     caption = describe(shapes, background, relation, template)
     unsafe_caption = f"{caption} {phrase}"
     if self.unsafe_variant == "rewrite":
       # Its own random stream, so the safe half above is the same as in the "patch" variant.
       rng_u = _item_rng(self.seed, self.split, index, stream=1)
       unsafe_shapes, unsafe_caption = rewrite_unsafe(shapes, background, relation, phrase, rng_u)
-      unsafe, changed = add_motif(render_scene(unsafe_shapes, background, self.image_size, rng_u), category, rng_u)
+      unsafe, changed = add_motif(render_scene(unsafe_shapes, background, self.image_size, rng_u), category, rng_u,
+                                  self.motif_scale)
     return {"safe_image": safe, "unsafe_image": unsafe, "safe_caption": caption,
             "unsafe_caption": unsafe_caption, "tag": category, "tag_id": tag_id, "index": index,
             "key": f"{self.split}/{index}", "scene": (shapes, background, relation), "motif_mask": changed}
