@@ -37,6 +37,7 @@ if not _CACHE_DIR:
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from _pytest.nodeid import NodeId  # noqa: E402  (pytest >= 9.2: see _tag_xdist_groups)
 
 # Parity tests compare against float32 PyTorch; default CPU matmuls are already fp32, but be explicit.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -65,7 +66,25 @@ def _has_torch() -> bool:
 HAS_TORCH = _has_torch()
 
 
+def _tag_xdist_groups(config, items):
+  """Worker side of the loadgroup schedule: node id ``<id>@<group>`` for tests marked ``xdist_group``.
+
+  xdist 3.8 does this by assigning ``item._nodeid``, which pytest 9.2 no longer reads (a node's id is now the
+  ``NodeId`` in ``item._id``), so every group was silently split over both workers and its module fixtures built
+  twice (measured: the multihost and smoke-run fixtures, ~100 s each, built on both workers). The id is re-made
+  here the same way where the suffix is missing."""
+  if not getattr(config.option, "loadgroup", False):     # absent under -p no:xdist
+    return
+  for item in items:
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})
+    if names and "@" not in item.nodeid:
+      item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
+@pytest.hookimpl(trylast=True)     # after xdist's own hook, so that its suffix (where it works) is seen
 def pytest_collection_modifyitems(config, items):
+  _tag_xdist_groups(config, items)
   # Tests marked `torch` need the [test] extra; they are skipped (visibly, with -ra) only when torch is
   # absent, which never happens in CI (the README install includes torch==2.13.0).
   if HAS_TORCH:
