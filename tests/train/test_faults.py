@@ -60,8 +60,8 @@ _assert_tree_equal = assert_tree_equal
 
 def _flip_a_byte(step_dir: Path) -> list[Path]:
   """Bit rot: flips the middle byte of every chunk-data file of a checkpoint step's ``state`` (the files of zstd
-  frames under ``ocdbt.process_*/d``; the B-tree node files start with another magic). orbax and tensorstore read
-  such a file back without complaint. Every data file is hit because not every byte of every file is read on
+  frames under ``ocdbt.process_*/d``; the B-tree node files start with another magic). orbax and tensorstore often
+  read such a file back without complaint (only the fingerprint notices). Every data file is hit because not every byte of every file is read on
   restore: flipping the middle byte of one file chosen by size left all restored leaves bit-identical (fingerprints
   equal) in 2 of 5 files on one measured layout, and the layout varies between runs (a CI failure)."""
   hit = []
@@ -92,9 +92,9 @@ def test_kill9_anywhere_resumes_to_the_uninterrupted_result(harness, reference, 
   _flip_a_byte(clip_ckpts / "2")
   rc, out, _ = harness(workdir, 1, fault="metrics_append:2")
   assert rc == -signal.SIGKILL, out
-  # The fingerprint names the first leaf whose bits changed; a flip that broke a zstd frame would be a read error.
-  assert "checkpoint step 2 is unusable" in out and "state" in out, out
-  assert "checksum" in out or "DATA_LOSS" in out, out
+  # Either the fingerprint names the first leaf whose bits changed ("checksum ... != saved"), or a flip broke a zstd
+  # frame and tensorstore's read fails (both seen); the reason printed is whichever comes first.
+  assert "checkpoint step 2 is unusable" in out and "/2/state" in out, out
   assert "[clip] resumed from step 1/4" in out, out
   assert (clip_ckpts / "corrupt-2").is_dir() and not (clip_ckpts / "corrupt-2").name.isdigit()
   assert not (workdir / "metrics.jsonl").read_text().endswith("\n")
