@@ -100,6 +100,19 @@ class CorruptCheckpointError(RuntimeError):
   """Every checkpoint step in a directory failed to restore or verify; the run refuses to start over silently."""
 
 
+def _error_summary(e: BaseException) -> str:
+  """``Type: first line`` of an exception and of its innermost cause (orbax wraps tensorstore's ``DATA_LOSS`` /
+  ``NOT_FOUND`` error, the informative one, in a generic "error while reading" whose text ends in a method repr)."""
+  def line(x: BaseException) -> str:
+    first = (str(x).strip().splitlines() or [""])[0]
+    return f"{type(x).__name__}: {first.split(' See full TensorStore')[0][:300]}"
+  root, seen = e, {id(e)}
+  while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+    root = nxt
+    seen.add(id(root))
+  return line(e) if root is e else f"{line(e)} <- {line(root)}"
+
+
 class Checkpointer:
   """Step-numbered checkpoints under ``directory`` with ``max_to_keep`` retention.
 
@@ -192,7 +205,7 @@ class Checkpointer:
       # Any failure of this step (orbax/tensorstore raise plain Exception, JSON a ValueError, ...) means "try the
       # previous one"; each is reported and the step is kept on disk, so nothing is swallowed.
       except Exception as e:  # noqa: BLE001
-        what = f"{self._failing_item(step, arrays, json)}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        what = f"{self._failing_item(step, arrays, json)}: {_error_summary(e)}"
       else:
         saved = out.pop(FINGERPRINT_ITEM, None)
         try:
