@@ -64,10 +64,12 @@ class Sources:
     return getattr(self, name)
 
 
-def _motif_scale(data: ml_collections.ConfigDict) -> tuple[float, float]:
-  """``data.motif_scale`` (synthetic hazard motif side range) or the benchmark default."""
-  v = data.get("motif_scale", None)
-  return synthetic.DEFAULT_MOTIF_SCALE if v is None else tuple(float(x) for x in v)
+def _synthetic_split(data: ml_collections.ConfigDict, split: str, size: int | None) -> synthetic.SyntheticQuadruplets:
+  """The synthetic benchmark's ``split`` with the generator options of ``data`` (seed, image size, unsafe variant,
+  motif scale): evaluated splits and UWM's calibration pairs are drawn alike."""
+  return synthetic.SyntheticQuadruplets(split, size, seed=data.seed, image_size=data.image_size,
+                                        unsafe_variant=data.get("unsafe_variant", "patch"),
+                                        motif_scale=data.get("motif_scale", None) or synthetic.DEFAULT_MOTIF_SCALE)
 
 
 def split_source(data: ml_collections.ConfigDict, split: str, *, size: int | None = None,
@@ -79,9 +81,7 @@ def split_source(data: ml_collections.ConfigDict, split: str, *, size: int | Non
   """
   if data.kind == "synthetic":
     n = size if size is not None else data.get(f"{split}_size")
-    return synthetic.SyntheticQuadruplets(split, n or None, seed=data.seed, image_size=data.image_size,
-                                          unsafe_variant=data.get("unsafe_variant", "patch"),
-                                          motif_scale=_motif_scale(data))
+    return _synthetic_split(data, split, n or None)
   path = data.get(f"{split}_json")
   if not path:
     return None
@@ -137,11 +137,7 @@ def calibration_sources(data: ml_collections.ConfigDict, calib: ml_collections.C
   ``calib.n_pairs``.
   """
   if data.kind == "synthetic":
-    # The same generator options as the evaluated splits (the unsafe variant and motif scale used to be ignored
-    # here, so calibration pairs were always "patch" pairs).
-    src = synthetic.SyntheticQuadruplets("train", calib.n_pairs, seed=data.seed, image_size=data.image_size,
-                                         unsafe_variant=data.get("unsafe_variant", "patch"),
-                                         motif_scale=_motif_scale(data))
+    src = _synthetic_split(data, "train", calib.n_pairs)
     return {t: src for t in ("text", "vision") if t in towers}
   out = {}
   for tower, manifest, kind in (("text", calib.text_manifest, "text"), ("vision", calib.vision_manifest, "image")):

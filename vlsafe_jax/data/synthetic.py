@@ -363,7 +363,7 @@ def render_scene(shapes: Sequence[Shape], background: str, size: int, rng: np.ra
 
 
 def add_motif(image_hw3: np.ndarray, category: str, rng: np.random.Generator,
-              scale: tuple[float, float] = (0.35, 0.55)) -> tuple[np.ndarray, np.ndarray]:
+              scale: tuple[float, float] = DEFAULT_MOTIF_SCALE) -> tuple[np.ndarray, np.ndarray]:
   """Blends ``category``'s motif into a copy of the image at a random place, scale and intensity.
 
   ``scale``: (low, high) of the motif square's side as a fraction of the image side, drawn uniformly (default

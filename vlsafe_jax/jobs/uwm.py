@@ -272,4 +272,5 @@ def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
 
 
 __all__ = ["SG_KEYS", "RET_COLUMNS", "STAGES", "uwm_config", "base_clip_dir", "pair_factories", "embed_quadruplets",
-           "zeroshot_datasets", "evaluate", "flat_metrics", "results_rows", "print_results", "compute_edit", "edit_stage", "run"]
+           "zeroshot_datasets", "evaluate", "flat_metrics", "results_rows", "print_results", "compute_edit",
+           "edit_stage", "run"]
