@@ -26,19 +26,18 @@ from vlsafe_jax.data import synthetic_vlm
 from vlsafe_jax.data.vlm_prompts import build_prompt, collate
 from vlsafe_jax.eval import judge as judge_lib
 from vlsafe_jax.eval import vlm_safety
+from vlsafe_jax.methods.cmrm import shift as cmrm_shift
 
 CONDITIONS = ("text", "scene", "blank", "noise")
 COMPLY_PREFIX = synthetic_vlm.HELPFUL.split("{")[0].strip()      # "sure . to"
 
 
 def _image_fn(cond: str, size: int):
-  """``item -> normalised (size, size, 3) float32`` for the image conditions (None = the item's own image)."""
-  if cond == "blank":
-    return lambda it: np.zeros((size, size, 3), np.float32)
-  if cond == "noise":
-    # Seeded by the item id so the same item always gets the same noise.
-    return lambda it: np.random.default_rng([7, int(it.id.rpartition("-")[2])]).standard_normal(
-        (size, size, 3)).astype(np.float32)
+  """``item -> normalised (size, size, 3) float32`` for the image conditions (None = the item's own image): CMRM's
+  meaningless images (:func:`~vlsafe_jax.methods.cmrm.shift.corrupted_pixels`), the noise seeded by the item id so
+  the same item always gets the same noise."""
+  if cond in ("blank", "noise"):
+    return lambda it: cmrm_shift.corrupted_pixels(1, size, cond, seed=7, start=int(it.id.rpartition("-")[2]))[0]
   return None
 
 
