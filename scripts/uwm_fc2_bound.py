@@ -11,7 +11,6 @@ Writes ``<out>/<SETTING>/fc2_bound.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -25,18 +24,14 @@ from vlsafe_jax.jobs import uwm as uwm_job
 from vlsafe_jax.methods.uwm import calibrate as cal
 from vlsafe_jax.models.clip import CLIP
 
-from uwm_vision_probe import SETTINGS, SMOKE_STAGE1, flat   # scripts/ is on sys.path when run as a script
+from uwm_vision_probe import SETTINGS, SMOKE_STAGE1, flat, parse_args   # scripts/ is on sys.path when run as a script
 
 EDITS = ((0.02, -1.0), (0.1, -1.0), (0.3, -1.0), (1.0, -1.0), (1.0, 0.0))
 KEYS = ("P^t_s", "P^t_u", "P^v_s", "P^v_u", "Txt_s", "Img_s", "GS", "T_s-V_s R@10", "V_s-T_s R@10", "zero-shot")
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("setting", choices=sorted(SETTINGS))
-  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  ap.add_argument("--out", default="runs/uwmvis")
-  a = ap.parse_args()
+  a = parse_args(__doc__.splitlines()[0])
   s1_over, data_over = SETTINGS[a.setting]
   rows = {}
   for seed in a.seeds:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from vlsafe_jax import config as config_lib
-from vlsafe_jax.data import sources, synthetic
+from vlsafe_jax.data import sources
 from vlsafe_jax.data.transform import QuadrupletTransform
 from vlsafe_jax.jobs import uwm as uwm_job
 from vlsafe_jax.methods.uwm import calibrate as cal
@@ -138,12 +138,17 @@ def summarize(recs: list[dict]) -> dict:
   return out
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str) -> argparse.Namespace:
+  """``SETTING [--seeds ...] [--out DIR]``: the command line shared with scripts/uwm_fc2_bound.py."""
+  ap = argparse.ArgumentParser(description=description)
   ap.add_argument("setting", choices=sorted(SETTINGS))
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   ap.add_argument("--out", default="runs/uwmvis")
-  a = ap.parse_args()
+  return ap.parse_args()
+
+
+def main():
+  a = parse_args(__doc__.splitlines()[0])
   out_dir = Path(a.out)
   recs = []
   for s in a.seeds:
