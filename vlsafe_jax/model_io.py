@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from vlsafe_jax import sharding
+from vlsafe_jax import _compat, sharding
 
 # --------------------------------------------------------------------------------------------------------------
 # Errors
@@ -236,7 +236,7 @@ def flat_abstract(state: nnx.State) -> dict[str, tuple[tuple, Any]]:
 def abstract_model(model_cls: type, config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
   """(graphdef, abstract state) of ``model_cls(config, dtype=, param_dtype=, rngs=)`` without allocating
   parameters (``nnx.eval_shape``)."""
-  model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  model = _compat.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   return nnx.split(model)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vlsafe_jax import sharding
+from vlsafe_jax import _compat, sharding
 from vlsafe_jax.methods.uwm import edit, saliency
 
 # --------------------------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_default_patterns_find_clip_targets():
       vision_config=clip.CLIPVisionConfig(image_size=8, patch_size=4, hidden_size=8, intermediate_size=12,
                                           num_hidden_layers=3, num_attention_heads=2, projection_dim=4),
       projection_dim=4)
-  state = nnx.state(nnx.eval_shape(lambda: clip.CLIP(cfg, rngs=nnx.Rngs(0))))
+  state = nnx.state(_compat.eval_shape(lambda: clip.CLIP(cfg, rngs=nnx.Rngs(0))))
   ucfg = edit.UWMConfig()
   vis = edit.find_targets(state, ucfg.vision.targets)
   txt = edit.find_targets(state, ucfg.text.targets)

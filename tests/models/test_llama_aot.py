@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from vlsafe_jax import perf, sharding
+from vlsafe_jax import _compat, perf, sharding
 from vlsafe_jax.models import decoding as D
 from vlsafe_jax.models import llama as L
 
@@ -22,7 +22,7 @@ VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, nu
                          ids=["fsdp8", "dp2_tp4"])
 def test_7b_generate_compiles_sharded_and_fits_80gb(mesh_shape):
   cfg = L.LlamaConfig(**VICUNA_7B, eos_token_id=2, pad_token_id=0)
-  abstract = nnx.eval_shape(lambda: L.Llama(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+  abstract = _compat.eval_shape(lambda: L.Llama(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                             rngs=nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abstract)
   n_params = sum(x.size for x in jax.tree.leaves(abs_state))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from vlsafe_jax import perf, sharding
+from vlsafe_jax import _compat, perf, sharding
 from vlsafe_jax.models import llava as LV
 
 
@@ -20,7 +20,7 @@ from vlsafe_jax.models import llava as LV
 def test_llava_7b_prefill_compiles_fsdp8_and_fits_80gb():
   cfg = LV.LlavaConfig()                                       # defaults = llava-1.5-7b-hf
   assert cfg.num_image_tokens == 576 and cfg.vision_config.image_size == 336
-  abstract = nnx.eval_shape(lambda: LV.Llava(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+  abstract = _compat.eval_shape(lambda: LV.Llava(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                              rngs=nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abstract)
   n_params = sum(x.size for x in jax.tree.leaves(abs_state))

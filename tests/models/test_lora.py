@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
+from vlsafe_jax import _compat
 from vlsafe_jax.models import clip as C
 from vlsafe_jax.models import lora as L
 
@@ -210,7 +211,7 @@ def test_training_step_changes_only_lora():
 
 def test_param_count_hysac_l14():
   # hysac.md §4.2: 24 x 262,144 (vision) + 25,792 (patch) + 12 x 196,608 (text) = 8,676,544. Abstract: no FLOPs.
-  abstract = nnx.eval_shape(lambda: L.apply_lora(C.CLIP(L14, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1)))
+  abstract = _compat.eval_shape(lambda: L.apply_lora(C.CLIP(L14, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1)))
   assert L.lora_param_count(abstract) == 8_676_544
   assert len(L.lora_sites(abstract)) == 24 * 5 + 12 * 5 + 1
 

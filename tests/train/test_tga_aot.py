@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 from flax import nnx
 
-from vlsafe_jax import sharding
+from vlsafe_jax import _compat, sharding
 from vlsafe_jax.methods.tga import forward
 from vlsafe_jax.methods.tga import loss as loss_lib
 from vlsafe_jax.models import llama as L
@@ -23,7 +23,7 @@ def test_tga_7b_finetune_step_compiles_fsdp8_and_fits_80gb():
                        num_attention_heads=32, num_key_value_heads=8, rope_theta=1e6, model_type="mistral",
                        max_position_embeddings=32768, remat=True)
   cfg = LV.LlavaConfig(text_config=text, image_token_index=31999)
-  abstract = nnx.eval_shape(lambda: LV.Llava(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  abstract = _compat.eval_shape(lambda: LV.Llava(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
   graphdef, trainable, frozen = nnx.split(abstract, T.trainable_filter("finetune"), ...)
   mesh = sharding.make_mesh(data=1, fsdp=8, model=1)
   param_sh = common.pure_shardings(trainable, mesh)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlsafe_jax import perf
+from vlsafe_jax import _compat, perf
 from vlsafe_jax.models import decoding, llama as L
 
 PRESETS = {
@@ -82,7 +82,7 @@ def _build(preset: str, dtype, want_torch: bool, torch_device: str):
     with torch.device(torch_device):
       hf = transformers.LlamaForCausalLM(hf_cfg).to(tdtype).eval()
   # Random weights built directly on device (jit-ed init avoids a host-side float32 copy of 7B params).
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: L.Llama(cfg, dtype=dtype, param_dtype=dtype,
+  graphdef, state = nnx.split(_compat.eval_shape(lambda: L.Llama(cfg, dtype=dtype, param_dtype=dtype,
                                                               rngs=nnx.Rngs(0))))
   state = jax.jit(lambda: nnx.state(L.Llama(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))()
   return nnx.merge(graphdef, state), hf, cfg

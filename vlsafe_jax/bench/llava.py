@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlsafe_jax import perf
+from vlsafe_jax import _compat, perf
 from vlsafe_jax.bench.llama import DECODE_HEADERS, decode_rows
 from vlsafe_jax.models import llama as L
 from vlsafe_jax.models import llava as LV
@@ -118,7 +118,7 @@ def build(spec: dict, dtype, *, want_torch: bool, torch_device: str, same_weight
       return model, hf.to(device=torch_device), cfg
     with torch.device(torch_device):
       hf = transformers.LlavaForConditionalGeneration(hf_config(spec)).to(tdtype).eval()
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LV.Llava(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))
+  graphdef, _ = nnx.split(_compat.eval_shape(lambda: LV.Llava(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))
   state = jax.jit(lambda: nnx.state(LV.Llava(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))()
   return nnx.merge(graphdef, state), hf, cfg
 

@@ -60,7 +60,7 @@ import numpy as np
 from flax import nnx
 
 from checkpoints_convert import clip as convert
-from vlsafe_jax import perf
+from vlsafe_jax import _compat, perf
 from vlsafe_jax.bench import clip as clip_bench
 from vlsafe_jax.bench import cmrm as cmrm_bench
 from vlsafe_jax.bench import hysac_step
@@ -165,7 +165,7 @@ def _param_counts(kind: str, cfg) -> dict[str, int]:
   """Parameters per top-level submodule (and ``"total"``) of a ``"clip"`` or ``"llava"`` model of config ``cfg``,
   from its abstract (eval_shape'd) state: exact, no memory, no device. Cached: tracing a 7B init takes seconds."""
   make = (lambda: C.CLIP(cfg, rngs=nnx.Rngs(0))) if kind == "clip" else (lambda: LV.Llava(cfg, rngs=nnx.Rngs(0)))
-  state = nnx.state(nnx.eval_shape(make))
+  state = nnx.state(_compat.eval_shape(make))
   counts = {str(k): sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in state.items()}
   return {**counts, "total": sum(counts.values())}
 

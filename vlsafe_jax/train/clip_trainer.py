@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from checkpoints_convert.clip import CLIP_FAMILY
-from vlsafe_jax import checkpoint as ckpt_lib
+from vlsafe_jax import _compat, checkpoint as ckpt_lib
 from vlsafe_jax.data import sources, synthetic
 from vlsafe_jax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, clip_image_flops, \
     clip_text_flops
@@ -86,7 +86,7 @@ def train_clip(cfg: ml_collections.ConfigDict, workdir: Path, writer: common.Met
 
   # --------------------------------------------------------------------------------------- abstract shapes
   clip_cfg = synthetic_clip_config(cfg.clip_model, cfg.data)
-  abstract = nnx.eval_shape(lambda: CLIP(clip_cfg, rngs=nnx.Rngs(cfg.seed)))
+  abstract = _compat.eval_shape(lambda: CLIP(clip_cfg, rngs=nnx.Rngs(cfg.seed)))
   graphdef, abs_params = nnx.split(abstract, nnx.Param)
   param_sh = common.pure_shardings(abs_params, mesh)
   decay = jax.tree.map(lambda x: x.ndim >= 2, nnx.to_pure_dict(abs_params))   # no wd on norms/biases/scalar

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlsafe_jax import model_io
+from vlsafe_jax import _compat, model_io
 from vlsafe_jax.geometry import lorentz
 from vlsafe_jax.methods.hysac import losses
 from vlsafe_jax.methods.hysac import scalars as scalars_lib
@@ -224,7 +224,7 @@ class HySAC(nnx.Module):
 def abstract_hysac(clip_config: CLIPConfig, options: HySACOptions = HySACOptions(), *, dtype=jnp.float32,
                    param_dtype=jnp.float32) -> HySAC:
   """An abstract (``nnx.eval_shape``) HySAC for a CLIP config: shapes only, no memory, no FLOPs."""
-  return nnx.eval_shape(lambda: HySAC.from_clip(
+  return _compat.eval_shape(lambda: HySAC.from_clip(
       CLIP(clip_config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)), options))
 
 
