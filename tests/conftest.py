@@ -115,10 +115,10 @@ LONG_FIRST = {
     "tests/notebooks/test_notebooks.py::test_notebook_executes[cmrm]": 90,   # uwm/tga/cmrm: ~83 s of CPU each, 2026-12-03
     "faults": 385,             # tests/train/test_faults.py: reference runs + 12 kills + 8->4->1 devices (clip:
                                # 245; the HySAC stage's 8->4->1 call measured 141 s on a loaded host, 2026-12-03)
-    # tests/train/test_faults_jobs.py, one group per job (reference runs + kills), measured on a loaded 2-core host
-    "faults_tga": 290,
-    "faults_cmrm": 260,
-    "faults_uwm": 202,
+    # tests/train/test_faults_jobs.py, one group per job (reference runs + 10 kills), measured 2026-12-04 with -n 2
+    "faults_tga": 202,
+    "faults_cmrm": 222,
+    "faults_uwm": 105,
     "tests/methods/test_uwm_e2e.py::test_uwm_smoke_run_on_synthetic_benchmark": 163,
     "tests/bench/test_suite.py::test_cpu_smoke_suite_end_to_end": 116,
     "tests/train/test_hysac_train.py::test_validation_runs_each_epoch_and_early_stop_ends_the_stage": 112,
