@@ -23,7 +23,7 @@ VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, nu
 def test_7b_generate_compiles_sharded_and_fits_80gb(mesh_shape):
   cfg = L.LlamaConfig(**VICUNA_7B, eos_token_id=2, pad_token_id=0)
   abstract = _compat.eval_shape(lambda: L.Llama(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                            rngs=nnx.Rngs(0)))
+                                                rngs=nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abstract)
   n_params = sum(x.size for x in jax.tree.leaves(abs_state))
   assert n_params == perf.llama_param_count(cfg)

@@ -21,7 +21,7 @@ def test_llava_7b_prefill_compiles_fsdp8_and_fits_80gb():
   cfg = LV.LlavaConfig()                                       # defaults = llava-1.5-7b-hf
   assert cfg.num_image_tokens == 576 and cfg.vision_config.image_size == 336
   abstract = _compat.eval_shape(lambda: LV.Llava(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                             rngs=nnx.Rngs(0)))
+                                                 rngs=nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abstract)
   n_params = sum(x.size for x in jax.tree.leaves(abs_state))
   # 6.74 B decoder (vocab 32064) + 303.5 M ViT-L/14-336 tower + 21 M projector (1024*4096 + 4096^2 + biases).

@@ -83,7 +83,7 @@ def _build(preset: str, dtype, want_torch: bool, torch_device: str):
       hf = transformers.LlamaForCausalLM(hf_cfg).to(tdtype).eval()
   # Random weights built directly on device (jit-ed init avoids a host-side float32 copy of 7B params).
   graphdef, state = nnx.split(_compat.eval_shape(lambda: L.Llama(cfg, dtype=dtype, param_dtype=dtype,
-                                                              rngs=nnx.Rngs(0))))
+                                                                  rngs=nnx.Rngs(0))))
   state = jax.jit(lambda: nnx.state(L.Llama(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))()
   return nnx.merge(graphdef, state), hf, cfg
 

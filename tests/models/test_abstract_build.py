@@ -1,4 +1,4 @@
-"""vlsafe_jax._compat: the linear-time abstract model builder (``_compat.eval_shape``)."""
+"""Abstract models (shapes only): ``vlsafe_jax._compat.eval_shape``, ``nnx.eval_shape`` in linear time."""
 import jax
 import jax.numpy as jnp
 import pytest
@@ -6,15 +6,9 @@ from flax import nnx
 from jax._src.interpreters import partial_eval as pe
 
 from vlsafe_jax import _compat
-from vlsafe_jax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from vlsafe_jax.models.clip import CLIP
 
-TINY = CLIPConfig(
-    text_config=CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                               num_attention_heads=2, max_position_embeddings=8),
-    vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                                   image_size=16, patch_size=8),
-    projection_dim=8)
-
+from _clip_configs import TINY  # tests/models is on sys.path (pytest prepends this file's folder)
 
 def _make():
   return CLIP(TINY, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
